@@ -1,0 +1,70 @@
+# dqn_atari: the user's front door. Every target installs what it needs first (make install).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+GAME ?= Breakout
+VARIANT ?= nature_dqn
+SEEDS ?= 1 2 3
+FRAMES ?=
+ARGS ?=
+# make smoke: Pong and one seed unless GAME / SEEDS are given on the command line.
+SMOKE_GAME := $(if $(filter command line environment,$(origin GAME)),$(GAME),Pong)
+SMOKE_SEEDS := $(if $(filter command line environment,$(origin SEEDS)),$(SEEDS),1)
+# make sweep / make status
+GAMES ?= $(GAME)
+VARIANTS ?= $(VARIANT)
+BACKEND ?= local
+SWEEP ?=
+MAX_PARALLEL ?=
+SWEEP_OPTS ?=
+
+.PHONY: install test test-fast reproduce smoke ablations tables plots sweep status bench bench-env bench-replay bench-train faults her clean-smoke
+
+install: $(STAMP)
+
+# torch==2.13.0 first: the CPU build on this machine's disk; the package itself only asks for torch>=2.4,
+# so a GPU user's own torch build is kept.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip show torch >/dev/null 2>&1 || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q -ra
+
+test-fast: install
+	$(PY) -m pytest -q -ra -m "not slow"
+
+reproduce: install
+	$(PY) -m dqn_atari reproduce --game "$(GAME)" --variant "$(VARIANT)" --seeds "$(SEEDS)" --frames "$(FRAMES)" -- $(ARGS)
+
+smoke: install
+	$(PY) -m dqn_atari reproduce --smoke --game "$(SMOKE_GAME)" --variant "$(VARIANT)" --seeds "$(SMOKE_SEEDS)" --frames "$(FRAMES)" -- $(ARGS)
+
+tables: install
+	$(PY) -m dqn_atari tables
+
+plots: install
+	$(PY) -m dqn_atari plots
+
+sweep: install
+	$(PY) -m dqn_atari sweep --games "$(GAMES)" --seeds "$(SEEDS)" --variants "$(VARIANTS)" --frames "$(FRAMES)" --backend "$(BACKEND)" --name "$(SWEEP)" --max-parallel "$(MAX_PARALLEL)" $(SWEEP_OPTS) -- $(ARGS)
+
+status: install
+	$(PY) -m dqn_atari status --name "$(SWEEP)"
+
+bench-env: install
+	$(PY) scripts/bench_env.py
+
+bench-replay: install
+	$(PY) scripts/bench_replay.py
+
+bench-train: install
+	$(PY) scripts/bench_train.py
+
+bench: bench-env bench-replay bench-train

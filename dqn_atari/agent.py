@@ -1,0 +1,159 @@
+"""The agent: acting (epsilon-greedy or noisy) and one learning update, for every variant.
+
+Variants are switches on this one agent (see ``configs/``): the network head and flags come from
+``network.*``, the target rule (double, n-step via the replay's returns) from ``agent.*``, and the loss
+dispatch lives in :func:`dqn_atari.losses.td_loss`.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dqn_atari.config import Config
+from dqn_atari.losses import td_loss
+from dqn_atari.networks import build_network
+
+
+class NatureRMSprop(torch.optim.Optimizer):
+    """Centered RMSProp exactly as in DeepMind's Nature DQN code (NeuralQLearner.lua):
+
+        g  <- decay * g  + (1 - decay) * grad
+        g2 <- decay * g2 + (1 - decay) * grad^2
+        w  <- w - lr * grad / sqrt(g2 - g^2 + eps)
+
+    with decay 0.95 ("gradient momentum" and "squared gradient momentum") and eps 0.01 ("min squared
+    gradient") under the square root (Mnih et al. 2015, Ext. Data Table 1). PyTorch's
+    ``RMSprop(centered=True)`` adds eps outside the root, which is a different optimizer at eps = 0.01.
+    There is no momentum term in DeepMind's code.
+    """
+
+    def __init__(self, params, lr: float = 0.00025, decay: float = 0.95, eps: float = 0.01):
+        super().__init__(params, dict(lr=lr, decay=decay, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            for p in params:
+                if not self.state[p]:
+                    self.state[p]["g"] = torch.zeros_like(p)
+                    self.state[p]["g2"] = torch.zeros_like(p)
+            g = [self.state[p]["g"] for p in params]
+            g2 = [self.state[p]["g2"] for p in params]
+            decay = group["decay"]
+            torch._foreach_lerp_(g, grads, 1.0 - decay)
+            torch._foreach_mul_(g2, decay)
+            torch._foreach_addcmul_(g2, grads, grads, value=1.0 - decay)
+            denom = torch._foreach_addcmul(g2, g, g, value=-1.0)
+            torch._foreach_add_(denom, group["eps"])
+            torch._foreach_sqrt_(denom)
+            torch._foreach_addcdiv_(params, grads, denom, value=-group["lr"])
+        return None
+
+
+def make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
+    a = cfg.agent
+    if a.optimizer == "rmsprop_nature":
+        return NatureRMSprop(params, lr=a.lr, decay=a.rms_decay, eps=a.rms_eps)
+    # Rainbow (Hessel et al. 2018, Table 1): Adam with lr 6.25e-5 and eps 1.5e-4.
+    return torch.optim.Adam(params, lr=a.lr, eps=a.adam_eps)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name} was asked for but torch sees no CUDA GPU; use device=cpu or device=auto.")
+    return device
+
+
+class Agent:
+    """Online and target networks, the optimizer and the acting RNG of one run."""
+
+    def __init__(self, cfg: Config, obs_shape: tuple[int, ...], num_actions: int, device: torch.device | str = "cpu"):
+        self.cfg = cfg
+        self.num_actions = num_actions
+        self.device = torch.device(device)
+        n = cfg.network
+        self.online = build_network(
+            tuple(obs_shape), num_actions, torso=n.torso, mlp_hidden=tuple(n.mlp_hidden), head=n.head,
+            dueling=n.dueling, noisy=n.noisy, noisy_sigma0=n.noisy_sigma0, hidden=n.hidden,
+            num_atoms=n.num_atoms, v_min=n.v_min, v_max=n.v_max, num_quantiles=n.num_quantiles,
+            iqn_embedding_dim=n.iqn_embedding_dim, iqn_num_taus_act=n.iqn_num_taus_act,
+        ).to(self.device)
+        self.target = copy.deepcopy(self.online)
+        self.target.requires_grad_(False)
+        self.optimizer = make_optimizer(self.online.parameters(), cfg)
+        # Acting randomness (epsilon draws and random actions) has its own stream, saved in checkpoints.
+        self.rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0xAC7]))
+        self.updates = 0
+
+    # -- acting ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def greedy(self, obs: np.ndarray) -> np.ndarray:
+        x = torch.as_tensor(obs, device=self.device)
+        return self.online(x).q.argmax(dim=1).cpu().numpy()
+
+    def act(self, obs: np.ndarray, epsilon: float, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Epsilon-greedy over the batch of observations, drawing from ``rng`` (default: the training
+        stream). The same random numbers are drawn whatever epsilon is, so the stream's position depends only
+        on the step count; the network is skipped when every action is random."""
+        rng = self.rng if rng is None else rng
+        n = obs.shape[0]
+        explore = rng.random(n) < epsilon
+        random_actions = rng.integers(0, self.num_actions, size=n)
+        if explore.all():
+            return random_actions.astype(np.int64)
+        return np.where(explore, random_actions, self.greedy(obs)).astype(np.int64)
+
+    # -- learning ----------------------------------------------------------------------------------------
+    def _to_device(self, batch) -> Any:
+        fields = {}
+        for name, value in batch._asdict().items():
+            t = torch.as_tensor(value)
+            fields[name] = t.to(self.device, non_blocking=True)
+        return type(batch)(**fields)
+
+    def update(self, batch) -> tuple[dict[str, float], np.ndarray]:
+        """One gradient step on a replay batch. Returns (stats, new priorities for the sampled indices)."""
+        cfg = self.cfg
+        if cfg.network.noisy:
+            # Fresh, independent noise for the online and the target network at every update
+            # (Fortunato et al. 2018, Algorithm 1; Hessel et al. 2018). Acting uses the online noise until
+            # the next update.
+            self.online.reset_noise()
+            self.target.reset_noise()
+        b = self._to_device(batch)
+        out = td_loss(self.online, self.target, b, double=cfg.agent.double, head=cfg.network.head,
+                      iqn_num_taus=cfg.network.iqn_num_taus, iqn_num_taus_target=cfg.network.iqn_num_taus_target,
+                      kappa=cfg.network.kappa)
+        weighted = out.loss * b.weights
+        loss = weighted.sum() if cfg.agent.loss_reduction == "sum" else weighted.mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.agent.max_grad_norm > 0:
+            nn.utils.clip_grad_norm_(self.online.parameters(), cfg.agent.max_grad_norm)
+        self.optimizer.step()
+        self.updates += 1
+        stats = {"loss": loss.detach(), "q_mean": out.q_tm1.mean(), "q_max": out.q_tm1.max(), "q_min": out.q_tm1.min()}
+        return stats, out.priority
+
+    @torch.no_grad()
+    def sync_target(self) -> None:
+        tau = self.cfg.agent.target_tau
+        if tau >= 1.0:
+            self.target.load_state_dict(self.online.state_dict())
+            return
+        for t, o in zip(self.target.parameters(), self.online.parameters()):
+            t.lerp_(o, tau)
+        for t, o in zip(self.target.buffers(), self.online.buffers()):
+            t.copy_(o)

@@ -1,0 +1,306 @@
+"""Comparison figures (PNG and PDF under ``results/figures/``), drawn with matplotlib's Agg canvas.
+
+Figures are built as ``matplotlib.figure.Figure`` objects and saved directly, so nothing here touches
+pyplot's global backend: it works headless and does not disturb a notebook that imports it.
+
+- ``curves_<Game>``: evaluation score vs frames per (variant, protocol): mean over seeds with a 95 %
+  Student-t band, Dopamine's published curve (training returns, sticky actions) dashed in the same colour.
+- ``aggregate_hns``: median and IQM of HNS over frames with stratified-bootstrap 95 % bands.
+- ``rainbow_ablations``: the layout of Hessel et al. 2018, Fig. 3: median HNS over frames, Rainbow drawn
+  rainbow-coloured, DQN grey, each ablation dashed.
+- ``performance_profile``: fraction of runs with HNS above each level (Agarwal et al. 2021, Fig. 5 style),
+  final and best evaluation, with bootstrap bands.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import seaborn as sns
+from matplotlib.collections import LineCollection
+from matplotlib.figure import Figure
+
+from dqn_atari.analysis.reference import DEFAULT_REFERENCE_ROOT, Reference, load_reference, warn_missing_hns
+from dqn_atari.analysis.scores import (
+    DEFAULT_RUNS_ROOT,
+    SCORE_KINDS,
+    RunRecord,
+    Setting,
+    load_runs,
+    per_game_hns,
+    run_table,
+    settings_in,
+)
+from dqn_atari.analysis.stats import METRICS, Strata, bootstrap, performance_profile, t_interval
+from dqn_atari.analysis.variants import ABLATION_BASE, ABLATION_BASELINE, VARIANTS, variant_ref
+
+DEFAULT_FIGURES_DIR = Path("results/figures")
+DOPAMINE_LABEL = "sticky actions, training returns, +-1 s.d."
+
+
+def new_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.0, 4.0)) -> tuple[Figure, list]:
+    """A Figure with seaborn's whitegrid style on its axes (no pyplot state involved)."""
+    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
+    with sns.axes_style("whitegrid"):
+        axes = [fig.add_subplot(nrows, ncols, i + 1) for i in range(nrows * ncols)]
+    return fig, axes
+
+
+def save(fig: Figure, out_dir: Path, name: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
+    fig.savefig(paths[0], dpi=120)
+    fig.savefig(paths[1])
+    return paths
+
+
+def legend_below(fig: Figure, ax) -> None:
+    """One legend under the axes (long protocol labels would hide the data inside them)."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return
+    ncols = 1 if max(len(lab) for lab in labels) > 60 or len(labels) < 4 else 2
+    fig.set_figheight(fig.get_figheight() + 0.22 * -(-len(labels) // ncols))
+    fig.legend(handles, labels, loc="outside lower center", ncols=ncols, fontsize="small", frameon=False)
+
+
+def palette(n: int) -> list:
+    return sns.color_palette("tab10", max(n, 1))
+
+
+def by_setting(records: list[RunRecord]) -> dict[Setting, list[RunRecord]]:
+    groups: dict[Setting, list[RunRecord]] = defaultdict(list)
+    for r in records:
+        groups[r.setting].append(r)
+    return {s: groups[s] for s in sorted(groups, key=Setting.sort_key)}
+
+
+def seed_matrix(records: list[RunRecord]) -> tuple[np.ndarray, np.ndarray]:
+    """(frames grid = union of evaluation frames, (n_seeds, n_frames) scores with NaN where a seed has none)."""
+    grid = np.unique(np.concatenate([r.curve["frames"].to_numpy(dtype=np.float64) for r in records]))
+    matrix = np.full((len(records), grid.size), np.nan)
+    for i, r in enumerate(records):
+        matrix[i, np.searchsorted(grid, r.curve["frames"].to_numpy(dtype=np.float64))] = r.curve["mean_score"]
+    return grid, matrix
+
+
+def draw_dopamine(ax, reference: Reference, variant: str, game: str, color, max_frames: float) -> bool:
+    """Overlay Dopamine's curve up to ~our frame count; False when there is none for this variant and game."""
+    ref = variant_ref(variant)
+    if ref.dopamine_agent is None:
+        return False
+    curve = reference.dopamine_curve(ref.dopamine_agent, game, ref.dopamine_set)
+    curve = curve[curve["frames"] <= max(1.1 * max_frames, float(curve["frames"].min()) if len(curve) else 0)]
+    if curve.empty:
+        return False
+    x, m, s = curve["frames"] / 1e6, curve["mean_return"], curve["std_return"]
+    ax.plot(x, m, ls="--", color=color, lw=1.2, marker="." if len(curve) < 5 else None,
+            label=f"Dopamine {ref.dopamine_agent} ({DOPAMINE_LABEL})")
+    ax.fill_between(x, m - s, m + s, color=color, alpha=0.08, lw=0)
+    return True
+
+
+def plot_learning_curves(records: list[RunRecord], reference: Reference, out_dir: Path) -> list[Path]:
+    """One figure per game: every (variant, protocol, budget) with a 95 % band over seeds, Dopamine dashed."""
+    paths = []
+    by_game: dict[str, list[RunRecord]] = defaultdict(list)
+    for r in records:
+        by_game[r.game_key].append(r)
+    for key, recs in sorted(by_game.items()):
+        fig, (ax,) = new_figure()
+        groups = by_setting(recs)
+        colors = palette(len(groups))
+        max_frames = max(r.frames_trained for r in recs)
+        overlaid = set()
+        for (setting, group), color in zip(groups.items(), colors):
+            grid, matrix = seed_matrix(group)
+            mean, low, high = t_interval(matrix, axis=0)
+            ax.plot(grid / 1e6, mean, color=color, lw=2, marker="o" if grid.size < 5 else None,
+                    label=f"{setting.variant} ({setting.protocol.label()}; n={len(group)})")
+            ax.fill_between(grid / 1e6, low, high, color=color, alpha=0.2, lw=0)
+            if setting.variant not in overlaid:
+                overlaid.add(setting.variant)
+                draw_dopamine(ax, reference, setting.variant, key, color, max_frames)
+        ax.set(xlabel="frames (millions)", ylabel="evaluation score (episode mean)",
+               title=f"{recs[0].game}: mean and 95 % CI over seeds")
+        legend_below(fig, ax)
+        paths += save(fig, out_dir, f"curves_{recs[0].game}")
+    return paths
+
+
+def hns_curves(records: list[RunRecord], reference: Reference) -> tuple[np.ndarray, list[str], list[np.ndarray]]:
+    """Per-run HNS interpolated onto one frames grid that every run covers.
+
+    Returns (grid, game keys, per-game arrays of shape (n_runs_of_game, n_frames)); games without a
+    human/random reference are dropped with a warning.
+    """
+    usable = [r for r in records if reference.has_hns(r.game_key)]
+    warn_missing_hns({r.game for r in records} - {r.game for r in usable}, "HNS curves")
+    if not usable:
+        return np.zeros(0), [], []
+    lo = max(float(r.curve["frames"].min()) for r in usable)
+    hi = min(float(r.curve["frames"].max()) for r in usable)
+    grid = np.unique(np.concatenate([r.curve["frames"].to_numpy(dtype=np.float64) for r in usable]))
+    grid = grid[(grid >= lo) & (grid <= hi)]
+    per_game: dict[str, list[np.ndarray]] = defaultdict(list)
+    for r in usable:
+        hns = reference.hns(r.curve["mean_score"].to_numpy(), [r.game_key] * len(r.curve))
+        per_game[r.game_key].append(np.interp(grid, r.curve["frames"].to_numpy(dtype=np.float64), hns))
+    keys = sorted(per_game)
+    return grid, keys, [np.stack(per_game[k]) for k in keys]
+
+
+def aggregate_over_frames(
+    grid: np.ndarray, per_game: list[np.ndarray], metric: str, reps: int, with_ci: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(point, low, high) of an aggregate metric at every grid point (CIs NaN when ``with_ci`` is False)."""
+    out = np.full((3, grid.size), np.nan)
+    for t in range(grid.size):
+        strata = Strata([g[:, t] for g in per_game])
+        if with_ci:
+            out[:, t] = bootstrap(strata, METRICS[metric], reps=reps)
+        else:
+            out[0, t] = METRICS[metric](strata.values, strata)
+    return out[0], out[1], out[2]
+
+
+def plot_aggregate_hns(records: list[RunRecord], reference: Reference, out_dir: Path, reps: int = 500) -> list[Path]:
+    """Median and IQM HNS over frames per (variant, protocol, budget) with bootstrap 95 % bands."""
+    fig, axes = new_figure(1, 2)
+    groups = by_setting(records)
+    for (setting, group), color in zip(groups.items(), palette(len(groups))):
+        grid, keys, per_game = hns_curves(group, reference)
+        if not keys:
+            continue
+        for ax, metric in zip(axes, ("median", "iqm")):
+            point, low, high = aggregate_over_frames(grid, per_game, metric, reps)
+            ax.plot(grid / 1e6, 100 * point, color=color, lw=2, marker="o" if grid.size < 5 else None,
+                    label=f"{setting.variant} ({setting.protocol.label()}; {len(keys)} games)")
+            ax.fill_between(grid / 1e6, 100 * low, 100 * high, color=color, alpha=0.2, lw=0)
+    for ax, metric in zip(axes, ("median", "IQM")):
+        ax.set(xlabel="frames (millions)", ylabel=f"{metric} human-normalized score (%)",
+               title=f"{metric} HNS over games, 95 % stratified-bootstrap CI")
+        ax.axhline(100, color="0.5", lw=0.8, ls=":")
+    legend_below(fig, axes[0])
+    return save(fig, out_dir, "aggregate_hns")
+
+
+def _rainbow_line(ax, x: np.ndarray, y: np.ndarray, label: str) -> None:
+    """A line whose colour runs through the spectrum, as Rainbow is drawn in Hessel et al. 2018."""
+    if x.size < 2:
+        ax.plot(x, y, "o", color="purple", label=label)
+        return
+    pts = np.column_stack([x, y]).reshape(-1, 1, 2)
+    lc = LineCollection(np.concatenate([pts[:-1], pts[1:]], axis=1), cmap="rainbow", lw=3.5, label=label)
+    lc.set_array(np.linspace(0, 1, x.size - 1))
+    ax.add_collection(lc)
+    ax.autoscale_view()
+
+
+def plot_rainbow_ablations(records: list[RunRecord], reference: Reference, out_dir: Path) -> list[Path]:
+    """Hessel et al. 2018, Fig. 3 layout; [] when there are no Rainbow or ablation runs."""
+    wanted = {ABLATION_BASE, ABLATION_BASELINE} | {v for v, ref in VARIANTS.items() if ref.ablation}
+    groups = {s: g for s, g in by_setting(records).items() if s.variant in wanted}
+    if not any(s.variant == ABLATION_BASE or variant_ref(s.variant).ablation for s in groups):
+        return []
+    protocols = {s.protocol for s in groups}
+    fig, (ax,) = new_figure(size=(7.0, 4.5))
+    ablation_colors = iter(palette(10))
+    baseline_styles = iter(["-", ":", "-.", (0, (1, 3))] * 4)
+    for setting, group in groups.items():
+        grid, keys, per_game = hns_curves(group, reference)
+        if not keys:
+            continue
+        median = 100 * aggregate_over_frames(grid, per_game, "median", reps=0, with_ci=False)[0]
+        ref = variant_ref(setting.variant)
+        label = ("Rainbow" if setting.variant == ABLATION_BASE else "DQN" if setting.variant == ABLATION_BASELINE
+                 else ref.ablation or setting.variant)
+        if len(protocols) > 1:
+            label += f" ({setting.protocol.name})"
+        x = grid / 1e6
+        if setting.variant == ABLATION_BASE:
+            _rainbow_line(ax, x, median, label)
+        elif setting.variant == ABLATION_BASELINE:
+            ax.plot(x, median, color="0.55", lw=2, ls=next(baseline_styles), label=label)
+        else:
+            ax.plot(x, median, ls="--", lw=1.6, color=next(ablation_colors), label=label)
+    ax.axhline(100, color="0.5", lw=0.8, ls=":")
+    ax.set(xlabel="frames (millions)", ylabel="median human-normalized score (%)",
+           title="Rainbow ablations: median HNS over games (Hessel et al. 2018, Fig. 3 layout)")
+    ax.legend(fontsize="small", loc="upper left")
+    return save(fig, out_dir, "rainbow_ablations")
+
+
+def plot_performance_profiles(records: list[RunRecord], reference: Reference, out_dir: Path,
+                              reps: int = 1000) -> list[Path]:
+    """Fraction of runs with HNS > tau, final and best evaluation, bootstrap 95 % bands."""
+    runs = run_table(records, reference)
+    finite = runs[["final_hns", "best_hns"]].to_numpy()
+    finite = finite[np.isfinite(finite)]
+    tau_max = float(np.clip(np.quantile(finite, 0.95) * 1.2, 2.0, 8.0)) if finite.size else 2.0
+    taus = np.linspace(0.0, tau_max, 121)
+    fig, axes = new_figure(1, 2)
+    settings = settings_in(runs)
+    for setting, color in zip(settings, palette(len(settings))):
+        for ax, kind in zip(axes, SCORE_KINDS):
+            keys, per_game = per_game_hns(runs, setting, kind)
+            if not keys:
+                continue
+            profile, low, high = performance_profile(per_game, taus, reps=reps)
+            ax.plot(taus, profile, color=color, lw=2,
+                    label=f"{setting.variant} ({setting.protocol.label()}; {len(keys)} games)")
+            ax.fill_between(taus, low, high, color=color, alpha=0.2, lw=0, step=None)
+    for ax, kind in zip(axes, SCORE_KINDS):
+        ax.axvline(1.0, color="0.5", lw=0.8, ls=":")
+        ax.set(xlabel=r"human-normalized score $\tau$", ylabel=r"fraction of runs with score > $\tau$",
+               ylim=(-0.02, 1.02), title=f"Performance profile, {SCORE_KINDS[kind]}")
+    legend_below(fig, axes[0])
+    return save(fig, out_dir, "performance_profile")
+
+
+def plot_game_report(records: list[RunRecord], reference: Reference, path: Path) -> Path:
+    """Per-game report figure: each seed thin, the mean bold, Dopamine's curve dashed behind."""
+    fig, (ax,) = new_figure()
+    groups = by_setting(records)
+    max_frames = max(r.frames_trained for r in records)
+    for (setting, group), color in zip(groups.items(), palette(len(groups))):
+        grid, matrix = seed_matrix(group)
+        for r in group:
+            ax.plot(r.curve["frames"] / 1e6, r.curve["mean_score"], color=color, lw=0.7, alpha=0.6,
+                    marker="." if len(r.curve) < 5 else None)
+        mean = np.nanmean(matrix, axis=0)
+        ax.plot(grid / 1e6, mean, color=color, lw=2.5, marker="o" if grid.size < 5 else None,
+                label=f"ours, {setting.protocol.label()}: mean of {len(group)} seed(s)")
+    (setting, _), color = next(iter(groups.items())), palette(1)[0]
+    if not draw_dopamine(ax, reference, setting.variant, records[0].game_key, color, max_frames):
+        ax.plot([], [], " ", label="no Dopamine curve for this variant and game")
+    ax.set(xlabel="frames (millions)", ylabel="evaluation score (episode mean)",
+           title=f"{records[0].game}: {records[0].variant} (thin: seeds; bold: mean)")
+    legend_below(fig, ax)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def write_plots(
+    runs_root: str | Path = DEFAULT_RUNS_ROOT,
+    reference_root: str | Path = DEFAULT_REFERENCE_ROOT,
+    out_dir: str | Path = DEFAULT_FIGURES_DIR,
+    variants: list[str] | None = None,
+    games: list[str] | None = None,
+    reps: int = 1000,
+) -> list[Path]:
+    """Draw every figure; returns the paths written. Raises ValueError when there are no finished runs."""
+    reference = load_reference(reference_root)
+    records = load_runs(runs_root, variants, games)
+    if not records:
+        raise ValueError(f"no finished runs under {runs_root} (variants={variants}, games={games}); "
+                         "train some first, e.g. `make reproduce`")
+    out_dir = Path(out_dir)
+    paths = plot_learning_curves(records, reference, out_dir)
+    paths += plot_aggregate_hns(records, reference, out_dir, reps=max(100, reps // 2))
+    paths += plot_rainbow_ablations(records, reference, out_dir)
+    paths += plot_performance_profiles(records, reference, out_dir, reps=reps)
+    return paths

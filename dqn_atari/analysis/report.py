@@ -1,0 +1,98 @@
+"""Per-game report written by ``make reproduce``: our scores next to the paper's, and a learning-curve figure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dqn_atari.analysis.plots import plot_game_report
+from dqn_atari.analysis.protocol import fmt_frames, parse_paper_protocol, protocol_differences
+from dqn_atari.analysis.reference import DEFAULT_REFERENCE_ROOT, load_reference
+from dqn_atari.analysis.scores import DEFAULT_RUNS_ROOT, load_runs, run_table, settings_in
+from dqn_atari.analysis.tables import fmt_value
+from dqn_atari.analysis.variants import variant_ref
+
+DEFAULT_REPORTS_DIR = Path("results/reports")
+
+
+def _spread(values: np.ndarray) -> str:
+    """'412.3 +- 20.1 (min 390, max 430)' over seeds; the value alone for one seed."""
+    if values.size == 1:
+        return f"{fmt_value(values[0])} (one seed)"
+    return (f"{fmt_value(values.mean())} +- {fmt_value(values.std(ddof=1))} "
+            f"(min {fmt_value(values.min())}, max {fmt_value(values.max())})")
+
+
+def write_game_report(
+    variant: str,
+    game: str,
+    runs_root: str | Path = DEFAULT_RUNS_ROOT,
+    reference_root: str | Path = DEFAULT_REFERENCE_ROOT,
+    out_dir: str | Path = DEFAULT_REPORTS_DIR,
+) -> tuple[Path, Path]:
+    """Write ``out_dir/<variant>/<game>.md`` and ``.png``; returns (md_path, png_path).
+
+    Raises ValueError when there is no finished run of ``variant`` on ``game`` under ``runs_root``.
+    """
+    reference = load_reference(reference_root)
+    records = load_runs(runs_root, variants=[variant], games=[game])
+    if not records:
+        raise ValueError(f"no finished run of variant '{variant}' on game '{game}' under {runs_root}; "
+                         f"expected {Path(runs_root) / variant / game}/seed<k>/ with a DONE marker")
+    display = records[0].game
+    md_path = Path(out_dir) / variant / f"{display}.md"
+    png_path = Path(out_dir) / variant / f"{display}.png"
+    runs = run_table(records, reference)
+    ref = variant_ref(variant)
+    lines = [f"# {display}: {variant} ({ref.label})", ""]
+
+    lines += ["## Our runs", ""]
+    for setting in settings_in(runs):
+        sub = runs[runs["setting"] == setting].sort_values("seed")
+        lines += [
+            f"### Protocol `{setting.protocol.name}`",
+            "",
+            f"- protocol: {setting.protocol.label()}",
+            f"- seeds: {len(sub)} ({', '.join(str(s) for s in sub['seed'])})",
+            f"- frames trained: {fmt_frames(sub['frames_trained'].max())} "
+            f"(budget {fmt_frames(setting.frames_budget)})",
+            f"- final evaluation score: {_spread(sub['final_score'].to_numpy())}",
+            f"- best evaluation score (max over evaluations, optimistic): {_spread(sub['best_score'].to_numpy())}",
+        ]
+        if reference.has_hns(game):
+            lines.append(f"- final / best human-normalized score: {100 * sub['final_hns'].mean():.1f} % / "
+                         f"{100 * sub['best_hns'].mean():.1f} % (standard table, mean over seeds)")
+        lines.append("")
+
+    lines += ["## Published scores", ""]
+    paper = reference.paper_rows(ref.paper_algorithms, game)
+    if paper.empty:
+        why = (f"no published score for {display} among {', '.join(ref.paper_algorithms)}" if ref.paper_algorithms
+               else f"no published per-game scores are mapped for variant '{variant}'")
+        lines += [f"There is {why} in paper_scores.csv, so there is nothing to compare against here.", ""]
+    for _, row in paper.iterrows():
+        pp = parse_paper_protocol(row["protocol"])
+        lines += [f"- **{row['algorithm']}**: {fmt_value(row['score'])}",
+                  f"  - protocol: {row['protocol']}", f"  - source: {row['source']}"]
+        for setting in settings_in(runs):
+            frames = runs.loc[runs["setting"] == setting, "frames_trained"].max()
+            diffs = protocol_differences(setting.protocol, frames, pp)
+            verdict = ("differs from ours (`" + setting.protocol.name + "`): " + "; ".join(diffs)) if diffs else (
+                f"matches ours (`{setting.protocol.name}`) in start type, epsilon, cap and length as far as stated")
+            lines.append(f"  - this protocol {verdict}")
+        if pp.reporting == "best snapshot":
+            lines.append("  - the paper reports its best snapshot: compare with our best evaluation score")
+    if ref.dopamine_agent:
+        curve = reference.dopamine_curve(ref.dopamine_agent, game, ref.dopamine_set)
+        lines += ["", f"Dopamine {ref.dopamine_agent} ({ref.dopamine_set}) curve: "
+                  + ("drawn in the figure (training returns with sticky actions, not evaluation scores)."
+                     if len(curve) else f"none published for {display}.")]
+    else:
+        lines += ["", f"No Dopamine curve is mapped for variant '{variant}'."]
+    lines += ["", f"![learning curve]({png_path.name})", ""]
+
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text("\n".join(lines))
+    plot_game_report(records, reference, png_path)
+    return md_path, png_path

@@ -1,0 +1,166 @@
+"""Per-run scores read from ``results/runs/``: final and best evaluation, raw and human-normalized, and
+their mean / standard deviation / count over seeds per (variant, protocol, frame budget, game).
+
+Final evaluation: the last evaluation of a finished run. Best evaluation: the highest evaluation mean
+over the run, comparable to the "best agent" figures of the Nature 2015 and Rainbow per-game tables (see
+the protocol column of paper_scores.csv); it is optimistic because the same episodes choose and score the
+snapshot, so tables always name which is which.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dqn_atari.analysis.protocol import Protocol, fmt_frames
+from dqn_atari.analysis.reference import Reference, game_key
+from dqn_atari.rundir import RunDir, find_runs
+
+DEFAULT_RUNS_ROOT = Path("results/runs")
+SCORE_KINDS = {"final": "final eval", "best": "best eval (max over evals)"}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What must match for runs to be averaged together: variant, evaluation protocol, frame budget."""
+
+    variant: str
+    protocol: Protocol
+    frames_budget: int | None
+
+    def label(self) -> str:
+        return f"{self.variant} [{self.protocol.label()}; {fmt_frames(self.frames_budget)} frames]"
+
+    def sort_key(self) -> tuple:
+        """Variant name, then protocol label, then frame budget: the order of table columns and legends."""
+        return self.variant, self.protocol.label(), self.frames_budget or 0
+
+
+@dataclass
+class RunRecord:
+    """One finished run, read once."""
+
+    setting: Setting
+    game: str  # run-directory spelling, e.g. 'SpaceInvaders'
+    seed: int
+    path: Path
+    curve: pd.DataFrame = field(repr=False)  # eval rows: frames, mean_score
+    frames_trained: float
+
+    @property
+    def variant(self) -> str:
+        return self.setting.variant
+
+    @property
+    def game_key(self) -> str:
+        return game_key(self.game)
+
+    @property
+    def final_score(self) -> float:
+        return float(self.curve["mean_score"].iloc[-1])
+
+    @property
+    def best_score(self) -> float:
+        return float(self.curve["mean_score"].max())
+
+
+def record_from_rundir(run: RunDir) -> RunRecord:
+    """A RunRecord from a run directory (config values win over path components)."""
+    config, protocol, ev = run.config, run.protocol, run.eval
+    ev = ev[np.isfinite(ev["mean_score"])]  # evaluations in which no episode finished say nothing
+    if ev.empty:
+        raise ValueError("eval.csv has no evaluation with a finished episode")
+    env = config.get("env") or {}
+    budget = (config.get("train") or {}).get("frames")
+    frames_trained = max(float(ev["frames"].max()), float(run.train["frames"].max() if len(run.train) else 0.0))
+    return RunRecord(
+        setting=Setting(
+            variant=str(config.get("variant") or run.path.parent.parent.name),
+            protocol=Protocol.from_run(protocol, config),
+            frames_budget=None if budget is None else int(budget),
+        ),
+        game=str(env.get("game") or run.path.parent.name),
+        seed=int(config.get("seed", run.path.name[len("seed"):])),
+        path=run.path,
+        curve=ev[["agent_step", "frames", "mean_score"]].sort_values("frames").reset_index(drop=True),
+        frames_trained=frames_trained,
+    )
+
+
+def load_runs(
+    runs_root: str | Path = DEFAULT_RUNS_ROOT,
+    variants: list[str] | None = None,
+    games: list[str] | None = None,
+) -> list[RunRecord]:
+    """Finished runs under ``runs_root``; unfinished, empty or corrupt ones are skipped with a warning."""
+    wanted_games = None if games is None else {game_key(g) for g in games}
+    records = []
+    for run in find_runs(runs_root):
+        if not run.is_done:
+            warnings.warn(f"skipping run directory {run.path}: not finished (no DONE marker; running or partial)",
+                          stacklevel=2)
+            continue
+        try:
+            record = record_from_rundir(run)
+        except ValueError as err:
+            warnings.warn(f"skipping run directory {run.path}: {err}", stacklevel=2)
+            continue
+        if variants is not None and record.variant not in variants:
+            continue
+        if wanted_games is not None and record.game_key not in wanted_games:
+            continue
+        records.append(record)
+    return records
+
+
+def run_table(records: list[RunRecord], reference: Reference) -> pd.DataFrame:
+    """One row per run: setting, game, seed, final/best raw scores and HNS (standard table)."""
+    rows = [
+        {
+            "setting": r.setting, "variant": r.variant, "protocol": r.setting.protocol.label(),
+            "frames_budget": r.setting.frames_budget, "game": r.game, "game_key": r.game_key, "seed": r.seed,
+            "frames_trained": r.frames_trained, "final_score": r.final_score, "best_score": r.best_score,
+        }
+        for r in records
+    ]
+    df = pd.DataFrame(rows, columns=["setting", "variant", "protocol", "frames_budget", "game", "game_key", "seed",
+                                     "frames_trained", "final_score", "best_score"])
+    for kind in SCORE_KINDS:
+        df[f"{kind}_hns"] = reference.hns(df[f"{kind}_score"], df["game_key"]) if len(df) else []
+    return df
+
+
+def summarize(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean, standard deviation (over seeds, ddof=1) and count per (setting, game)."""
+    value_cols = [f"{k}_{u}" for k in SCORE_KINDS for u in ("score", "hns")]
+    grouped = runs.groupby(["setting", "game_key"], sort=False)
+    out = grouped.agg(
+        variant=("variant", "first"), game=("game", "first"), protocol=("protocol", "first"),
+        frames_budget=("frames_budget", "first"), frames_trained=("frames_trained", "mean"),
+        n_seeds=("seed", "nunique"),
+    )
+    for col in value_cols:
+        out[f"{col}_mean"] = grouped[col].mean()
+        out[f"{col}_std"] = grouped[col].std(ddof=1)
+    return out.reset_index()
+
+
+def settings_in(runs: pd.DataFrame) -> list[Setting]:
+    """Distinct settings, ordered by variant name, then protocol label, then frame budget."""
+    return sorted(set(runs["setting"]), key=Setting.sort_key)
+
+
+def per_game_hns(runs: pd.DataFrame, setting: Setting, kind: str) -> tuple[list[str], list[np.ndarray]]:
+    """Game keys and per-game arrays of run HNS for one setting (games without a reference dropped)."""
+    sub = runs[runs["setting"] == setting]
+    keys, arrays = [], []
+    for key, group in sub.groupby("game_key", sort=True):
+        values = group[f"{kind}_hns"].to_numpy(dtype=np.float64)
+        if np.all(np.isfinite(values)):
+            keys.append(key)
+            arrays.append(values)
+    return keys, arrays

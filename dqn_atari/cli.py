@@ -1,0 +1,144 @@
+"""Command line: ``python -m dqn_atari <command> ...`` (see ``--help`` of each command)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+
+from dqn_atari.config import (
+    Config, ConfigError, apply_overrides, config_from_dict, deep_merge, describe_fields, find_variant_config,
+    parse_frames, read_yaml,
+)
+
+
+def _keys_help() -> str:
+    lines = ["config keys (key=value overrides; bare names work when unique, e.g. lr=1e-4):"]
+    for key, default, doc in describe_fields():
+        lines.append(f"  {key} (default {default})")
+        if doc:
+            lines.extend("      " + line for line in textwrap.wrap(doc, 96))
+    return "\n".join(lines)
+
+
+def build_config(config_path: str | Path | None, overrides: list[str], smoke: bool = False,
+                 extra: dict | None = None) -> Config:
+    """YAML file, then the smoke settings (if asked), then ``extra`` (from make variables), then overrides."""
+    data = read_yaml(config_path) if config_path else {}
+    if smoke:
+        data = deep_merge(data, read_yaml("configs/smoke.yaml"))
+    if extra:
+        data = deep_merge(data, extra)
+    data = apply_overrides(data, overrides)
+    return config_from_dict(data, where=str(config_path or "the command line"))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dqn_atari.train import train
+
+    cfg = build_config(args.config, args.overrides)
+    train(cfg, progress=not args.no_progress)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from dqn_atari.evaluate import evaluate_run
+
+    options = dict(o.split("=", 1) for o in args.options if "=" in o)
+    unknown = set(options) - {"episodes", "video", "epsilon", "seed"}
+    bad = [o for o in args.options if "=" not in o]
+    if unknown or bad:
+        raise ConfigError(f"evaluate takes episodes=N, epsilon=E, seed=S and video=PATH.mp4; got {sorted(unknown) + bad}.")
+    evaluate_run(Path(args.run_dir), episodes=int(options.get("episodes", 0)) or None,
+                 video=options.get("video"), epsilon=float(options["epsilon"]) if "epsilon" in options else None,
+                 seed=int(options.get("seed", 0)))
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from dqn_atari.train import train
+
+    seeds = [int(s) for s in args.seeds.replace(",", " ").split()] or [1]
+    config_path = find_variant_config(args.variant)
+    extra: dict = {"env": {"game": args.game}}
+    frames = parse_frames(args.frames)
+    if frames:
+        extra["train"] = {"frames": frames}
+    cfg = None
+    for seed in seeds:
+        cfg = build_config(config_path, list(args.overrides) + [f"seed={seed}"], smoke=args.smoke, extra=extra)
+        train(cfg, progress=not args.no_progress)
+    from dqn_atari.analysis.report import write_game_report
+    from dqn_atari.train import game_of
+
+    runs_root = Path(cfg.runs_root)
+    out_dir = runs_root.parent / "reports"
+    md, png = write_game_report(cfg.variant, game_of(cfg), runs_root=runs_root,
+                                reference_root="results/reference", out_dir=out_dir)
+    print(f"Report: {md}\nFigure: {png}")
+    return 0
+
+
+# Commands whose options are parsed by their own modules: dispatched before argparse sees them.
+PASSTHROUGH = {
+    "tables": ("dqn_atari.analysis.cli", "tables_main", "paper-style tables (Markdown, LaTeX, CSV) from results/runs"),
+    "plots": ("dqn_atari.analysis.cli", "plots_main", "learning curves, aggregate and ablation figures"),
+    "report": ("dqn_atari.analysis.cli", "report_main", "per-game report of a variant next to the paper's score"),
+    "sweep": ("dqn_atari.sweep", "sweep_main", "games x seeds x variants, locally, on Ray or on Slurm"),
+    "status": ("dqn_atari.sweep", "status_main", "one table of a sweep's runs: progress, scores, ETA, state"),
+}
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dqn_atari", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one run from a config file (resumes if interrupted)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_keys_help())
+    p.add_argument("config", help="YAML config, e.g. configs/nature_dqn.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. env.game=Pong seed=2")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a trained run under its protocol; optionally record a video",
+                       description="python -m dqn_atari evaluate RUN_DIR [episodes=N] [epsilon=E] [video=PATH.mp4]")
+    p.add_argument("run_dir")
+    p.add_argument("options", nargs="*", help="episodes=N, epsilon=E, seed=S, video=PATH.mp4 (colour, first episode)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("reproduce", help="train every seed of a variant on a game, then write the game report",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_keys_help())
+    p.add_argument("--game", default="Breakout")
+    p.add_argument("--variant", default="nature_dqn")
+    p.add_argument("--seeds", default="1 2 3")
+    p.add_argument("--frames", default="", help="training budget in frames (default: the config's)")
+    p.add_argument("--smoke", action="store_true", help="tiny budget (configs/smoke.yaml), results under results/smoke/")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.set_defaults(func=cmd_reproduce)
+
+    for name, (_module, _func, text) in PASSTHROUGH.items():
+        sub.add_parser(name, help=f"{text} (see: python -m dqn_atari {name} --help)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dqn_atari.checkpoint import CheckpointError
+    from dqn_atari.train import TrainingDiverged
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv and argv[0] in PASSTHROUGH:
+            import importlib
+
+            module, func, _text = PASSTHROUGH[argv[0]]
+            return getattr(importlib.import_module(module), func)(argv[1:]) or 0
+        args = make_parser().parse_args(argv)
+        return args.func(args)
+    except (ConfigError, CheckpointError, TrainingDiverged, MemoryError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, (ConfigError, ValueError, FileNotFoundError)) else 1
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return 130

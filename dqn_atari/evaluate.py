@@ -1,0 +1,100 @@
+"""Evaluate a trained run under its recorded protocol, and record a colour video of the agent playing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from safetensors.torch import load_file
+
+from dqn_atari.agent import Agent, resolve_device
+from dqn_atari.config import Config, ConfigError, config_from_dict
+from dqn_atari.rundir import RunDir
+from dqn_atari.train import evaluate, make_eval_env
+
+
+def load_run_agent(run_dir: Path) -> tuple[Config, Agent]:
+    """The run's config and an agent holding its final weights (or its latest checkpoint's)."""
+    run = RunDir(run_dir)
+    if not (run.path / "config.yaml").exists():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml). Run directories look like "
+                          f"results/runs/<variant>/<game>/seed<k>/.")
+    cfg = config_from_dict(run.config, where=str(run.path / "config.yaml"))
+    cfg = config_from_dict({**cfg.to_dict(), "device": "auto"})
+    env = make_eval_env(cfg, 0)
+    agent = Agent(cfg, tuple(env.obs_shape), env.num_actions, resolve_device(cfg.device))
+    env.close()
+    weights_path = run.path / "model.safetensors"
+    if weights_path.exists():
+        weights = load_file(str(weights_path))
+    else:
+        from dqn_atari.checkpoint import generations
+
+        gens = generations(run.path / "checkpoints")
+        if not gens:
+            raise ConfigError(f"{run_dir} has neither model.safetensors nor a checkpoint: nothing to evaluate yet.")
+        tensors = load_file(str(gens[0] / "tensors.safetensors"))
+        weights = {k[len("online."):]: v for k, v in tensors.items() if k.startswith("online.")}
+        print(f"{run_dir} is not finished; evaluating its latest checkpoint {gens[0].name}.")
+    agent.online.load_state_dict(weights)
+    return cfg, agent
+
+
+def evaluate_run(run_dir: Path, episodes: int | None = None, video: str | None = None,
+                 epsilon: float | None = None, seed: int = 0) -> list[float]:
+    cfg, agent = load_run_agent(run_dir)
+    if epsilon is not None:
+        cfg = config_from_dict({**cfg.to_dict(), "eval": {**cfg.to_dict()["eval"], "epsilon": epsilon}})
+    episodes = episodes or cfg.eval.episodes
+    # Evaluation indices from 1,000,000 on never collide with those used during training.
+    scores = evaluate(agent, cfg, 1_000_000 + seed, episodes=episodes, max_steps=10**9)
+    arr = np.asarray(scores)
+    print(f"{len(scores)} episodes, epsilon {0.0 if cfg.network.noisy else cfg.eval.epsilon}: "
+          f"mean {arr.mean():.1f}, median {np.median(arr):.1f}, std {arr.std():.1f}, min {arr.min():.1f}, max {arr.max():.1f}")
+    if video:
+        score = record_video(cfg, agent, Path(video), seed=seed)
+        print(f"Video of one episode (score {score:.0f}) written to {video}")
+    return scores
+
+
+def record_video(cfg: Config, agent: Agent, path: Path, seed: int = 0, max_frames: int | None = None) -> float:
+    """One episode in colour at the emulator's full resolution, one video frame per agent step (15 fps).
+
+    The agent sees the usual 84x84 grayscale stack, built here by gymnasium's AtariPreprocessing on an RGB
+    rendering env; that pipeline follows the same protocol (no-ops, repeat 4, max of 2 frames, area resize)
+    but is not the pixel-exact one used in training, so this is for watching, not for scoring.
+    """
+    import ale_py
+    import gymnasium as gym
+    import imageio.v2 as imageio
+    from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation
+
+    from dqn_atari.envs import display_name, get_protocol, resolve_game
+
+    if cfg.env.game.lower() in ("cartpole", "maze"):
+        raise ConfigError("Videos are for Atari runs only.")
+    gym.register_envs(ale_py)
+    protocol = get_protocol(cfg.env.protocol, **cfg.env.overrides)
+    env = gym.make(f"ALE/{display_name(resolve_game(cfg.env.game))}-v5", frameskip=1, render_mode="rgb_array",
+                   repeat_action_probability=protocol.repeat_action_probability,
+                   full_action_space=protocol.full_action_space,
+                   max_episode_steps=max_frames or cfg.eval.max_episode_frames)
+    env = FrameStackObservation(AtariPreprocessing(env, noop_max=protocol.noop_max, frame_skip=protocol.frame_skip,
+                                                   screen_size=84, grayscale_obs=True), 4)
+    rng = np.random.default_rng(seed)
+    epsilon = 0.0 if cfg.network.noisy else cfg.eval.epsilon
+    obs, _ = env.reset(seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    score, done = 0.0, False
+    agent.online.set_noise(False)
+    with imageio.get_writer(str(path), fps=15, macro_block_size=1) as writer:
+        while not done:
+            writer.append_data(env.render())
+            action = agent.act(np.asarray(obs)[None], epsilon, rng=rng)[0]
+            obs, reward, terminated, truncated, _ = env.step(int(action))
+            score += float(reward)
+            done = terminated or truncated
+        writer.append_data(env.render())
+    env.close()
+    return score
+

@@ -1,0 +1,90 @@
+from pathlib import Path
+
+import pytest
+
+from dqn_atari.config import (
+    Config, ConfigError, describe_fields, find_variant_config, frames_to_steps, load_config,
+)
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def test_nature_config_holds_the_paper_numbers():
+    cfg = load_config(CONFIGS / "nature_dqn.yaml")
+    assert cfg.agent.lr == 0.00025 and cfg.agent.discount == 0.99
+    assert cfg.agent.rms_decay == 0.95 and cfg.agent.rms_eps == 0.01
+    assert cfg.agent.target_update_steps == 10_000
+    assert cfg.replay.capacity == 1_000_000
+    assert cfg.train.batch_size == 32 and cfg.train.update_period_steps == 4
+    assert cfg.train.replay_start_steps == 50_000 and cfg.train.epsilon_decay_steps == 1_000_000
+    assert (cfg.train.epsilon_start, cfg.train.epsilon_end) == (1.0, 0.1)
+    assert cfg.eval.epsilon == 0.05 and cfg.eval.max_episode_frames == 18_000
+    assert frames_to_steps(cfg.train.frames) == 12_500_000
+
+
+def test_overrides_dotted_and_bare_keys_with_type_conversion():
+    cfg = load_config(CONFIGS / "nature_dqn.yaml", ["agent.lr=1e-4", "batch_size=64", "double=true",
+                                                    "env.game=Pong", "frames=1e6", "mlp_hidden=[64, 64]"])
+    assert cfg.agent.lr == 1e-4 and cfg.train.batch_size == 64 and cfg.agent.double is True
+    assert cfg.env.game == "Pong" and cfg.train.frames == 1_000_000 and cfg.network.mlp_hidden == (64, 64)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("agent.lrr=0.1", "agent.lr"),
+    ("learning_rate=0.1", "Unknown config key"),
+    ("batchsize=3", "batch_size"),
+])
+def test_unknown_keys_name_the_closest_valid_key(override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("agent:\n  discont: 0.9\n")
+    with pytest.raises(ConfigError, match="agent.discount"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("lr=-0.1", "agent.lr must be positive"),
+    ("batch_size=0", "train.batch_size must be >= 1"),
+    ("discount=1.5", "agent.discount must be in"),
+    ("n_step=0", "agent.n_step must be >= 1"),
+    ("num_atoms=1", "num_atoms must be at least 2"),
+    ("batch_size=abc", "must be an integer"),
+    ("batch_size=2.5", "must be an integer"),
+    ("double=maybe", "true or false"),
+    ("head=foo", "network.head must be"),
+])
+def test_bad_values_are_clear_errors(override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(None, [override])
+
+
+def test_missing_config_file_lists_available_ones(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_variant_lookup_suggests_close_names():
+    assert find_variant_config("nature_dqn", CONFIGS).name == "nature_dqn.yaml"
+    with pytest.raises(ConfigError, match="nature_dqn"):
+        find_variant_config("nature_dq", CONFIGS)
+
+
+def test_every_field_is_documented():
+    rows = describe_fields()
+    assert len(rows) > 40
+    undocumented = [key for key, _default, doc in rows if not doc]
+    assert not undocumented, undocumented
+
+
+def test_config_is_frozen_and_round_trips():
+    cfg = load_config(CONFIGS / "nature_dqn.yaml", ["seed=3"])
+    with pytest.raises(Exception):
+        cfg.seed = 4  # type: ignore[misc]
+    from dqn_atari.config import config_from_dict
+
+    assert config_from_dict(cfg.to_dict()) == cfg
+    assert isinstance(Config().to_dict()["network"]["mlp_hidden"], list)

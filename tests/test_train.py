@@ -1,0 +1,144 @@
+"""The training loop end to end: learning on CartPole, bit-identical resume, config safety, smoke runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from dqn_atari.cli import build_config, main
+from dqn_atari.config import ConfigError
+from dqn_atari.train import Trainer, epsilon_at, train
+
+ROOT = Path(__file__).resolve().parent.parent
+NATURE = ROOT / "configs" / "nature_dqn.yaml"
+CARTPOLE = ROOT / "configs" / "control" / "cartpole.yaml"
+
+
+def cartpole_config(tmp_path, *overrides):
+    from dqn_atari.config import deep_merge, read_yaml, config_from_dict, apply_overrides
+
+    data = deep_merge(read_yaml(NATURE), read_yaml(CARTPOLE))
+    data = apply_overrides(data, [f"runs_root={tmp_path}", "device=cpu", *overrides])
+    return config_from_dict(data)
+
+
+def atari_config(tmp_path, *overrides):
+    return build_config(NATURE, [f"runs_root={tmp_path}", "device=cpu", "env.game=Breakout", "train.frames=3200",
+                                 "replay.capacity=2000", "train.replay_start_steps=200", "target_update_steps=250",
+                                 "epsilon_decay_steps=500", "eval.period_steps=400", "eval.episodes=1",
+                                 "eval.max_steps=400", "eval.num_envs=1", "eval.max_episode_frames=1200", "checkpoint_period_steps=300", *overrides])
+
+
+def test_epsilon_schedule_counts_agent_steps_from_replay_start():
+    cfg = build_config(NATURE, [])
+    assert epsilon_at(0, cfg) == 1.0 and epsilon_at(50_000, cfg) == 1.0
+    assert epsilon_at(50_000 + 500_000, cfg) == pytest.approx(0.55)
+    assert epsilon_at(1_050_000, cfg) == pytest.approx(0.1) and epsilon_at(5_000_000, cfg) == pytest.approx(0.1)
+
+
+def test_replay_ratio_and_target_period_are_kept_with_several_envs(tmp_path):
+    """8 replayed transitions per agent step, whatever the number of environments."""
+    counts = {}
+    for n in (1, 4):
+        cfg = cartpole_config(tmp_path / f"n{n}", f"env.num_envs={n}", "train.frames=2000", "update_period_steps=4",
+                              "batch_size=32", "replay_start_steps=400", "target_update_steps=300",
+                              "eval.period_steps=100000")
+        trainer = Trainer(cfg, progress=False)
+        trainer.train()
+        counts[n] = (trainer.counters.updates, trainer.counters.target_syncs)
+    assert counts[1] == counts[4] == ((2000 - 400) // 4, 2000 // 300)
+
+
+def test_dqn_learns_cartpole(tmp_path):
+    """DQN with the MLP torso solves CartPole within a fixed budget (30k steps, seed 1): one of its periodic
+    evaluations, 10 greedy episodes each, has a mean return of at least 400."""
+    cfg = cartpole_config(tmp_path, "seed=1", "train.frames=30000", "eval.period_steps=2500")
+    run = train(cfg, progress=False)
+    evals = run.eval
+    print("CartPole evaluations (step: mean of 10 greedy episodes):",
+          dict(zip(evals["agent_step"], evals["mean_score"])))
+    assert (evals["num_episodes"] == 10).all()
+    assert evals["mean_score"].max() >= 400
+
+
+def _run_files(run_dir: Path) -> dict:
+    out = {"weights": load_file(str(run_dir / "model.safetensors"))}
+    for name in ("train.csv", "eval.csv"):
+        text = (run_dir / name).read_text().splitlines()
+        assert len(text) > 1, f"{run_dir / name} has no rows: the test would compare nothing"
+        header = text[0].split(",")
+        # wall_time is the only column allowed to differ.
+        keep = [i for i, h in enumerate(header) if h != "wall_time"]
+        out[name] = [[row.split(",")[i] if i < len(row.split(",")) else "" for i in keep] for row in text]
+    return out
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    fa, fb = _run_files(a), _run_files(b)
+    assert fa["train.csv"] == fb["train.csv"]
+    assert fa["eval.csv"] == fb["eval.csv"]
+    assert fa["weights"].keys() == fb["weights"].keys()
+    for k in fa["weights"]:
+        np.testing.assert_array_equal(fa["weights"][k], fb["weights"][k])
+
+
+@pytest.mark.parametrize("kind", ["cartpole", "atari"])
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, kind):
+    make = cartpole_config if kind == "cartpole" else atari_config
+    extra = ("train.frames=3000", "checkpoint_period_steps=700", "eval.period_steps=1000") if kind == "cartpole" else ()
+    whole = make(tmp_path / "whole", *extra)
+    train(whole, progress=False)
+    parts = make(tmp_path / "parts", *extra)
+    # Interrupt twice, at steps that are not checkpoint or evaluation boundaries, then finish.
+    for stop in (450, 610):
+        run = Trainer(parts, progress=False).train(interrupt_at_step=stop)
+        assert not run.is_done
+    run = train(parts, progress=False)
+    assert run.is_done
+    _assert_same_run(Trainer(whole, progress=False).run.path, run.path)
+
+
+def test_resuming_with_a_different_config_is_refused(tmp_path):
+    cfg = cartpole_config(tmp_path, "train.frames=1500")
+    Trainer(cfg, progress=False).train(interrupt_at_step=300)
+    changed = cartpole_config(tmp_path, "train.frames=1500", "agent.lr=0.01")
+    with pytest.raises(ConfigError, match="agent.lr"):
+        Trainer(changed, progress=False).train()
+    forced = cartpole_config(tmp_path, "train.frames=1500", "agent.lr=0.01", "force=true")
+    assert Trainer(forced, progress=False).train().is_done
+
+
+def test_smoke_pipeline_end_to_end(tmp_path, monkeypatch):
+    """`make smoke` for one game: training, evaluation, checkpoints, final weights and the report."""
+    monkeypatch.chdir(ROOT)
+    rc = main(["reproduce", "--smoke", "--game", "Pong", "--variant", "nature_dqn", "--seeds", "1", "--no-progress",
+               f"runs_root={tmp_path / 'runs'}", "train.frames=12000", "device=cpu"])
+    assert rc == 0
+    run_dir = tmp_path / "runs" / "nature_dqn" / "Pong" / "seed1"
+    for name in ("config.yaml", "train.csv", "eval.csv", "protocol.json", "DONE", "model.safetensors"):
+        assert (run_dir / name).exists(), name
+    assert any((run_dir / "tb").iterdir())
+    assert not (run_dir / "checkpoints").exists()
+    report = tmp_path / "reports" / "nature_dqn" / "Pong.md"
+    assert report.exists() and "Pong" in report.read_text()
+    assert (tmp_path / "reports" / "nature_dqn" / "Pong.png").stat().st_size > 1000
+    # Re-running the finished run does nothing.
+    assert main(["reproduce", "--smoke", "--game", "Pong", "--seeds", "1", "--no-progress",
+                 f"runs_root={tmp_path / 'runs'}", "train.frames=12000", "device=cpu"]) == 0
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["train", "configs/nature_dqn.yaml", "env.game=Breakoutt"], "Breakout"),
+    (["train", "configs/nature_dqn.yaml", "agent.lrr=1"], "agent.lr"),
+    (["train", "configs/nope.yaml"], "does not exist"),
+    (["reproduce", "--variant", "natur_dqn"], "nature_dqn"),
+])
+def test_cli_bad_input_is_a_clear_error(argv, fragment, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)
+    rc = main(argv + [f"runs_root={tmp_path}"])
+    assert rc == 2
+    assert fragment in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
