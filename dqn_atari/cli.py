@@ -68,7 +68,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     cfg = None
     for seed in seeds:
         cfg = build_config(config_path, list(args.overrides) + [f"seed={seed}"], smoke=args.smoke, extra=extra)
-        train(cfg, progress=not args.no_progress)
+        run = train(cfg, progress=not args.no_progress)
+        if not run.is_done:  # interrupted (a signal): stop here rather than start the next seed
+            print(f"Seed {seed} stopped before the end of its budget; re-run the same command to resume.")
+            return 130
     from dqn_atari.analysis.report import write_game_report
     from dqn_atari.train import game_of
 
@@ -128,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     from dqn_atari.train import TrainingDiverged
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    _plain_checkpoint_warnings()
     try:
         if argv and argv[0] in PASSTHROUGH:
             import importlib
@@ -137,8 +141,48 @@ def main(argv: list[str] | None = None) -> int:
         args = make_parser().parse_args(argv)
         return args.func(args)
     except (ConfigError, CheckpointError, TrainingDiverged, MemoryError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # Exit 2: the input is wrong (fix it and re-run). Exit 1: the run failed (memory, disk, divergence,
+        # damaged checkpoint); everything already written is kept.
+        print(f"error: {_with_hint(exc)}", file=sys.stderr)
         return 2 if isinstance(exc, (ConfigError, ValueError, FileNotFoundError)) else 1
+    except OSError as exc:
+        import errno
+
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"error: the disk is full ({exc}). Every file already written is intact and the last complete "
+                  f"checkpoint is kept: free some space and re-run the same command to resume.", file=sys.stderr)
+        else:
+            print(f"error: {exc}. Check that the path exists and is writable, then re-run the same command "
+                  f"(a run resumes from its last complete checkpoint).", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return 130
+
+
+def _with_hint(exc: BaseException) -> str:
+    """A config value check ("x must be ...") names the problem; add where and how to fix it."""
+    text = str(exc)
+    if isinstance(exc, ConfigError) and " must " in text and "--help" not in text:
+        text += (" Fix it in the config file or with a key=value override (`python -m dqn_atari train --help` "
+                 "lists every key, its default and meaning), then run the command again.")
+    return text
+
+
+def _plain_checkpoint_warnings() -> None:
+    """Show a skipped damaged checkpoint as one 'warning: ...' paragraph, not as a source line."""
+    import warnings
+
+    from dqn_atari.checkpoint import CheckpointWarning
+
+    default = warnings.formatwarning
+    if getattr(default, "_dqn_atari", False):
+        return
+
+    def formatwarning(message, category, filename, lineno, line=None):  # noqa: ANN001
+        if issubclass(category, CheckpointWarning):
+            return f"warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    formatwarning._dqn_atari = True  # type: ignore[attr-defined]
+    warnings.formatwarning = formatwarning

@@ -407,7 +407,13 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def read_yaml(path: str | Path) -> dict:
+def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """The file's mapping, with its ``base:`` (if any) resolved.
+
+    ``base: other.yaml`` (relative to this file) makes the file a layer over another config: the base is
+    read first (recursively) and this file's keys are merged over it with :func:`deep_merge`. It is how
+    each Rainbow ablation is Rainbow's file with one switch turned off, without a copy of the rest.
+    """
     path = Path(path)
     if not path.exists():
         configs = sorted(p.stem for p in Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
@@ -419,7 +425,21 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"Config file {str(path)!r} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"Config file {str(path)!r} must hold a mapping of sections (env:, agent:, ...).")
-    return data
+    if "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"Config file {str(path)!r}: base must be the path of another YAML file relative to it "
+                          f"(e.g. base: ../rainbow.yaml), got {base!r}.")
+    chain = (*_chain, path.resolve())
+    base_path = path.parent / base
+    if base_path.resolve() in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, base_path.resolve()))
+        raise ConfigError(f"Config files include each other through base: ({cycle}); remove one of these base: lines.")
+    if not base_path.exists():
+        raise ConfigError(f"Config file {str(path)!r} has base: {base!r}, but {str(base_path)!r} does not exist; "
+                          f"base paths are relative to the file that names them.")
+    return deep_merge(read_yaml(base_path, chain), data)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

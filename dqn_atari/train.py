@@ -2,7 +2,7 @@
 checkpoint. Schedules count agent steps; the budget comes in frames and is converted once.
 
     for each agent step (N environments at a time):
-        a_t = epsilon-greedy(Q(s_t))                      epsilon from the step count (noisy nets: 0)
+        a_t = epsilon-greedy(Q(s_t))                      epsilon from the step count (noisy nets: 0 after replay start)
         s_t+1, r_t+1, terminal = env.step(a_t)            learning sees clipped rewards, life-loss terminals
         replay.add(s_t, a_t, r_t+1, terminal)
         every update_period_steps after replay_start:     one batch-32 update (replay ratio kept for any N)
@@ -53,8 +53,15 @@ class Counters:
 
 def epsilon_at(step: int, cfg: Config) -> float:
     """Linear decay from epsilon_start to epsilon_end over epsilon_decay_steps, counted from replay start
-    as in DeepMind's Nature code (NeuralQLearner.lua: ep_endt measured from learn_start)."""
+    as in DeepMind's Nature code (NeuralQLearner.lua: ep_endt measured from learn_start).
+
+    Noisy nets explore through their weights and act greedily, epsilon 0 (Fortunato et al. 2018, Sec. 3.1;
+    Hessel et al. 2018, Table 1), but only once learning starts: before replay start every variant acts
+    uniformly at random (train.replay_start_steps), since the noise is only resampled at updates and a noisy
+    net would otherwise fill the replay with one fixed policy."""
     t = cfg.train
+    if cfg.network.noisy:
+        return 1.0 if step < t.replay_start_steps else 0.0
     progress = max(0, step - t.replay_start_steps) / t.epsilon_decay_steps
     return t.epsilon_end + (t.epsilon_start - t.epsilon_end) * max(0.0, 1.0 - progress)
 
@@ -88,8 +95,11 @@ def evaluate(agent: Agent, cfg: Config, eval_index: int, episodes: int | None = 
              max_steps: int | None = None) -> list[float]:
     """Raw game scores of whole evaluation episodes, under the run's protocol with eval.epsilon.
 
-    Deterministic for given weights and ``eval_index``: its own environments and RNG, seeded from it, so an
-    evaluation repeated after a resume gives the same scores, and training's random streams are untouched.
+    A pure function of the weights and ``eval_index`` (and the config): its own environments, NumPy RNG and
+    torch RNG (IQN draws quantile fractions when acting) are seeded from the index, and training's random
+    streams are untouched. So an evaluation cut short by a kill is simply repeated, with the same scores,
+    after the resume; and a SIGINT/SIGTERM arriving during an evaluation is honoured once it completes
+    (the trainer checks its stop flag after the evaluation, then checkpoints).
     """
     episodes = episodes or cfg.eval.episodes
     max_steps = max_steps or cfg.eval.max_steps
@@ -103,13 +113,18 @@ def evaluate(agent: Agent, cfg: Config, eval_index: int, episodes: int | None = 
     # implementations do; the training noise is restored afterwards.
     noise_was_on = agent.online.noise_enabled
     agent.online.set_noise(False)
+    # IQN samples quantile fractions from torch's global RNG when acting: a forked stream seeded from the
+    # index keeps the evaluation a pure function of the weights and leaves training's stream where it was.
+    torch_seed = int(np.random.SeedSequence([cfg.seed, 0xE7A1, eval_index, 2]).generate_state(1)[0])
     try:
-        while len(scores) < episodes and steps < max_steps:
-            actions = agent.act(obs, epsilon, rng=rng)
-            obs, _r, _te, _tr, info = env.step(actions)
-            steps += env.num_envs
-            for i in np.flatnonzero(info["episode_end"]):
-                scores.append(float(info["episode_return"][i]))
+        with torch.random.fork_rng(devices=[agent.device] if agent.device.type == "cuda" else []):
+            torch.manual_seed(torch_seed)
+            while len(scores) < episodes and steps < max_steps:
+                actions = agent.act(obs, epsilon, rng=rng)
+                obs, _r, _te, _tr, info = env.step(actions)
+                steps += env.num_envs
+                for i in np.flatnonzero(info["episode_end"]):
+                    scores.append(float(info["episode_return"][i]))
     finally:
         agent.online.set_noise(noise_was_on)
         env.close()
@@ -117,8 +132,11 @@ def evaluate(agent: Agent, cfg: Config, eval_index: int, episodes: int | None = 
 
 
 class _StopFlag:
-    """First SIGINT/SIGTERM: finish the step, checkpoint, exit. Second: exit at once (checkpoints are
-    atomic, so nothing already written is lost)."""
+    """First SIGINT/SIGTERM: finish the current agent step (and the evaluation, if one is running: it is
+    never cut short), checkpoint, exit with status 0 so that a scheduler or sweep sees a clean stop. Second:
+    exit at once with 128 + the signal number, even in the middle of a checkpoint write; that is safe
+    because a generation only becomes visible once complete (see dqn_atari.checkpoint), so the previous
+    one stays the one a resume uses, and CSV rows past it are dropped on resume."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -224,7 +242,11 @@ class Trainer:
             "env": _jsonable(self.env.state_dict()),
             "obs": _jsonable(self.obs),
         }
-        return ckpt.save_checkpoint(self.ckpt_root, self.counters.agent_step, tensors, state, self.replay.save)
+        # The new generation's replay starts as hard links to the one this run last saved or resumed from,
+        # so the replay's incremental save writes only the chunks changed since.
+        self.last_checkpoint = ckpt.save_checkpoint(self.ckpt_root, self.counters.agent_step, tensors, state,
+                                                    self.replay.save, link_from=getattr(self, "last_checkpoint", None))
+        return self.last_checkpoint
 
     def _restore(self, tensors: dict[str, torch.Tensor], state: dict, gen: Path) -> None:
         a = self.agent
@@ -261,7 +283,7 @@ class Trainer:
             ours = self.cfg.to_dict()
             if _identity(recorded) != _identity(ours) and not self.cfg.force:
                 raise ConfigError(_config_mismatch(_identity(recorded), _identity(ours), run.path / "config.yaml"))
-        gen = ckpt.load_checkpoint(self.ckpt_root, self._restore)
+        gen = self.last_checkpoint = ckpt.load_checkpoint(self.ckpt_root, self._restore)
         if gen is None:
             self.obs, _ = self.env.reset(seed=self.cfg.seed)
             run.truncate_after(-1)
@@ -302,10 +324,11 @@ class Trainer:
             else:
                 batch = self.replay.sample(t.batch_size)
             stats, priority = self.agent.update(batch)
-            if self.cfg.replay.prioritized:
-                self.replay.update_priorities(np.asarray(batch.indices), priority.detach().cpu().numpy())
             self.nonfinite |= ~torch.isfinite(stats["loss"])
             self.last_stats = stats
+            if self.cfg.replay.prioritized:
+                self.check_finite()  # priorities need host values anyway, so this check costs nothing more
+                self.replay.update_priorities(batch.indices, priority.detach())
             c.updates += 1
         while c.target_syncs < c.agent_step // self.cfg.agent.target_update_steps:
             self.agent.sync_target()
@@ -317,7 +340,8 @@ class Trainer:
             raise TrainingDiverged(
                 f"The loss became NaN or infinite by agent step {self.counters.agent_step:,} (update "
                 f"{self.counters.updates:,}): last loss {s.get('loss')}, Q range [{s.get('q_min')}, {s.get('q_max')}]. "
-                f"Training stopped; the last good checkpoint in {self.ckpt_root} is kept. Lower agent.lr or check "
+                f"Training stopped without checkpointing; the last good checkpoint "
+                f"({getattr(self, 'last_checkpoint', None) or f'none yet in {self.ckpt_root}'}) is kept. Lower agent.lr or check "
                 f"the config, then re-run (delete the checkpoints to restart from scratch)."
             )
 
@@ -348,7 +372,7 @@ class Trainer:
         with _StopFlag() as stop:
             try:
                 while c.agent_step < self.total_steps:
-                    epsilon = 0.0 if cfg.network.noisy else epsilon_at(c.agent_step, cfg)
+                    epsilon = epsilon_at(c.agent_step, cfg)
                     actions = self.agent.act(self.obs, epsilon)
                     next_obs, reward, terminated, _trunc, info = self.env.step(actions)
                     self.replay.add(self.obs[:, -1], actions, reward, terminated, info["episode_end"],
@@ -383,13 +407,16 @@ class Trainer:
                         if bar is not None:
                             bar.write(f"eval @ {c.agent_step * self.frame_skip:,} frames: mean {np.mean(scores) if scores else float('nan'):.1f} over {len(scores)} episodes")
                     interrupted = stop.requested or (interrupt_at_step is not None and c.agent_step >= interrupt_at_step)
+                    saved = False
                     if c.agent_step >= c.next_checkpoint_step or interrupted:
                         if c.agent_step >= c.next_checkpoint_step:
                             c.next_checkpoint_step += cfg.train.checkpoint_period_steps
                         c.recent_scores = list(recent)
                         self.check_finite()
                         self.save()
-                    if interrupted:
+                        saved = True
+                    # A signal that arrived during a periodic save: that checkpoint is of this very step.
+                    if interrupted or (saved and stop.requested):
                         print(f"Stopped at agent step {c.agent_step:,}; re-run the same command to resume.")
                         return self.run
                 self.check_finite()

@@ -52,6 +52,7 @@ def test_replay_ratio_and_target_period_are_kept_with_several_envs(tmp_path):
     assert counts[1] == counts[4] == ((2000 - 400) // 4, 2000 // 300)
 
 
+@pytest.mark.slow
 def test_dqn_learns_cartpole(tmp_path):
     """DQN with the MLP torso solves CartPole within a fixed budget (30k steps, seed 1): one of its periodic
     evaluations, 10 greedy episodes each, has a mean return of at least 400."""
@@ -111,6 +112,7 @@ def test_resuming_with_a_different_config_is_refused(tmp_path):
     assert Trainer(forced, progress=False).train().is_done
 
 
+@pytest.mark.slow
 def test_smoke_pipeline_end_to_end(tmp_path, monkeypatch):
     """`make smoke` for one game: training, evaluation, checkpoints, final weights and the report."""
     monkeypatch.chdir(ROOT)

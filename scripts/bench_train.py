@@ -1,0 +1,197 @@
+"""Training speed on real Atari with learning on: agent steps/s of one faithful run, against the env alone
+(its upper bound) and against a plain single-file style DQN loop at the same settings, measured in this run.
+
+    python scripts/bench_train.py [--game Breakout] [--steps 800] [--capacity 100000] [--device auto]
+
+The plain loop is written here the way the well-known single-file implementations are (gymnasium's Python
+wrappers, a replay of full obs and next-obs stacks, one batch-1 forward per step, the update in the same
+thread); it is our own code, not a copy. Both loops use the Nature settings: a batch of 32 every 4 agent
+steps, epsilon-greedy acting, a target network, the replay capacity given. Ends with one JSON line, also
+written to results/benchmarks/bench_train.json.
+
+Not measured yet: K independent runs in one process (issue "Speed"); the JSON says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dqn_atari.agent import resolve_device  # noqa: E402
+from dqn_atari.cli import build_config  # noqa: E402
+from dqn_atari.envs import display_name, make_env, resolve_game  # noqa: E402
+from dqn_atari.train import Trainer  # noqa: E402
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    import ale_py
+
+    return {"cpu": cpu, "cores": torch.get_num_threads(), "gpu": gpu, "torch": torch.__version__,
+            "ale_py": ale_py.__version__, "python": platform.python_version()}
+
+
+def env_alone(game: str, steps: int) -> float:
+    env = make_env(game, num_envs=1, seed=0)
+    env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    actions = rng.integers(0, env.num_actions, size=(steps, 1))
+    t0 = time.perf_counter()
+    for a in actions:
+        env.step(a)
+    rate = steps / (time.perf_counter() - t0)
+    env.close()
+    return rate
+
+
+def ours(game: str, steps: int, capacity: int, device: str, tmp: Path) -> dict:
+    warm = 1000
+    cfg = build_config(ROOT / "configs" / "nature_dqn.yaml", [
+        f"env.game={game}", f"runs_root={tmp}", f"device={device}", f"replay.capacity={capacity}",
+        f"train.replay_start_steps={warm}", f"train.frames={4 * (2 * warm + steps)}",
+        "eval.period_steps=100000000", "train.checkpoint_period_steps=100000000",
+        "train.epsilon_start=0.1"])  # acting uses the network, as in the plain loop
+    trainer = Trainer(cfg, progress=False)
+    trainer.train(interrupt_at_step=2 * warm)  # random play, then learning on for `warm` steps
+    trainer = Trainer(cfg, progress=False)
+    t0 = time.perf_counter()
+    trainer.train(interrupt_at_step=2 * warm + steps)
+    elapsed = time.perf_counter() - t0
+    # Latencies of the two pieces, on the trained agent.
+    agent, replay = trainer.agent, trainer.replay
+    obs = trainer.obs
+    act = []
+    for _ in range(200):
+        t = time.perf_counter()
+        agent.act(obs, 0.0)
+        act.append(time.perf_counter() - t)
+    upd = []
+    for _ in range(30):
+        batch = replay.sample(32)
+        t = time.perf_counter()
+        stats, _ = agent.update(batch)
+        float(stats["loss"])
+        upd.append(time.perf_counter() - t)
+    return {"steps_per_s": steps / elapsed, "act_ms": 1e3 * float(np.median(act)),
+            "update_ms": 1e3 * float(np.median(upd))}
+
+
+def plain_loop(game: str, steps: int, capacity: int, device: str) -> float:
+    """A single-file style DQN loop at the same settings (see the module docstring)."""
+    import ale_py
+    import gymnasium as gym
+    from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation
+    from torch import nn
+
+    gym.register_envs(ale_py)
+    env = gym.make(f"ALE/{display_name(resolve_game(game))}-v5", frameskip=1, repeat_action_probability=0.0)
+    env = FrameStackObservation(AtariPreprocessing(env, noop_max=30, frame_skip=4, screen_size=84), 4)
+    n_actions = env.action_space.n
+    dev = resolve_device(device)
+
+    def net() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(4, 32, 8, 4), nn.ReLU(), nn.Conv2d(32, 64, 4, 2), nn.ReLU(),
+                             nn.Conv2d(64, 64, 3, 1), nn.ReLU(), nn.Flatten(), nn.Linear(3136, 512), nn.ReLU(),
+                             nn.Linear(512, n_actions)).to(dev)
+
+    q, target = net(), net()
+    target.load_state_dict(q.state_dict())
+    opt = torch.optim.RMSprop(q.parameters(), lr=0.00025, alpha=0.95, eps=0.01, centered=True)
+    obs_buf = np.zeros((capacity, 4, 84, 84), np.uint8)
+    next_buf = np.zeros((capacity, 4, 84, 84), np.uint8)
+    act_buf = np.zeros(capacity, np.int64)
+    rew_buf = np.zeros(capacity, np.float32)
+    done_buf = np.zeros(capacity, np.float32)
+    rng = np.random.default_rng(0)
+    obs, _ = env.reset(seed=0)
+    warm = 1000
+    t0 = None
+    for step in range(2 * warm + steps):
+        if step == 2 * warm:
+            t0 = time.perf_counter()
+        if rng.random() < 0.1:
+            action = int(rng.integers(n_actions))
+        else:
+            with torch.no_grad():
+                x = torch.as_tensor(np.asarray(obs)[None], device=dev).float() / 255.0
+                action = int(q(x).argmax(1).item())
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        i = step % capacity
+        obs_buf[i], next_buf[i], act_buf[i] = obs, next_obs, action
+        rew_buf[i], done_buf[i] = np.sign(reward), float(terminated)
+        obs = next_obs
+        if terminated or truncated:
+            obs, _ = env.reset()
+        if step >= warm and step % 4 == 0:
+            idx = rng.integers(0, min(step + 1, capacity), size=32)
+            s = torch.as_tensor(obs_buf[idx], device=dev).float() / 255.0
+            s2 = torch.as_tensor(next_buf[idx], device=dev).float() / 255.0
+            with torch.no_grad():
+                y = torch.as_tensor(rew_buf[idx], device=dev) + 0.99 * (1 - torch.as_tensor(done_buf[idx], device=dev)) * target(s2).max(1).values
+            qa = q(s).gather(1, torch.as_tensor(act_buf[idx], device=dev)[:, None]).squeeze(1)
+            loss = nn.functional.smooth_l1_loss(qa, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if step % 10_000 == 0:
+            target.load_state_dict(q.state_dict())
+    env.close()
+    return steps / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--game", default="Breakout")
+    parser.add_argument("--steps", type=int, default=800, help="timed agent steps with learning on")
+    parser.add_argument("--capacity", type=int, default=100_000, help="replay capacity of both loops")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        env_rate = env_alone(args.game, max(2000, args.steps))
+        print(f"env alone (1 env, random actions):     {env_rate:8.1f} agent steps/s", flush=True)
+        ours_stats = ours(args.game, args.steps, args.capacity, args.device, Path(tmp))
+        print(f"one faithful run (learning on):        {ours_stats['steps_per_s']:8.1f} agent steps/s "
+              f"(act {ours_stats['act_ms']:.2f} ms, update {ours_stats['update_ms']:.1f} ms)", flush=True)
+        plain = plain_loop(args.game, args.steps, args.capacity, args.device)
+        print(f"plain single-file style loop:          {plain:8.1f} agent steps/s", flush=True)
+    result = {
+        "name": "bench_train", "game": args.game, "device": str(resolve_device(args.device)),
+        "timed_steps": args.steps, "replay_capacity": args.capacity, "machine": machine(),
+        "env_alone_steps_per_s": env_rate, "one_run_steps_per_s": ours_stats["steps_per_s"],
+        "plain_loop_steps_per_s": plain, "act_ms": ours_stats["act_ms"], "update_ms": ours_stats["update_ms"],
+        "ratio_one_run_to_env_alone": ours_stats["steps_per_s"] / env_rate,
+        "ratio_one_run_to_plain_loop": ours_stats["steps_per_s"] / plain,
+        "k_runs_per_process_steps_per_s": None,
+        "note": "K runs in one process not implemented yet",
+        "command": "python scripts/bench_train.py " + " ".join(sys.argv[1:]),
+    }
+    print(f"ratios: one run / env alone = {result['ratio_one_run_to_env_alone']:.3f}, "
+          f"one run / plain loop = {result['ratio_one_run_to_plain_loop']:.2f}")
+    out = ROOT / "results" / "benchmarks" / "bench_train.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
