@@ -23,12 +23,9 @@ The machine may be shared: compare ratios, not absolute figures. Wall-clock rati
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dqn_atari.envs import display_name, make_atari, resolve_game  # noqa: E402
+from benchlib import finish, machine_info  # noqa: E402
 
 FRAMES_PER_STEP = 4  # Nature 2015, Extended Data Table 1: action repeat 4
 
@@ -140,22 +138,6 @@ def measure(steppers: dict, seconds: float, rounds: int) -> dict[str, dict[str, 
     }
 
 
-def machine_info() -> dict[str, object]:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    versions = {}
-    for package in ("ale-py", "gymnasium", "numpy", "torch"):
-        try:
-            versions[package] = version(package)
-        except Exception:  # not installed: leave it out
-            pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), **versions}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--game", default="Breakout")
@@ -219,10 +201,7 @@ def main() -> None:
         "targets": targets,
         "machine": machine_info(),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    finish(result, args.out)
 
 
 if __name__ == "__main__":

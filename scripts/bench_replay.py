@@ -28,47 +28,20 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
-import platform
 import sys
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dqn_atari.replay import PrioritizedReplayBuffer, ReplayBuffer, available_memory_bytes  # noqa: E402
+from benchlib import finish, machine_info  # noqa: E402
 
 FRAME = (84, 84)  # Nature 2015, Methods: preprocessed 84x84 luminance frames
 STACK = 4  # Nature 2015, Extended Data Table 1: agent history length 4
 BATCH = 32  # Nature 2015, Extended Data Table 1: minibatch size 32
-
-
-def machine_info() -> dict[str, object]:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    versions = {}
-    for package in ("ale-py", "numpy", "torch"):
-        try:
-            versions[package] = version(package)
-        except Exception:  # not installed: leave it out
-            pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_1min": os.getloadavg()[0],
-        **versions,
-    }
 
 
 def rss_bytes() -> int:
@@ -306,7 +279,7 @@ def main() -> None:
         print(f"{name}: {t}")
     result = {
         "benchmark": "bench_replay",
-        "machine": machine_info(),
+        "machine": machine_info(("ale-py", "numpy", "torch")),
         "batch_bytes_obs_tm1_plus_obs_t": out_bytes,
         "memcpy": memcpy,
         "uniform": uniform,
@@ -315,10 +288,7 @@ def main() -> None:
         "ratios": ratios,
         "targets": targets,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    finish(result, args.out)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,6 @@ Not measured yet: K independent runs in one process (issue "Speed"); the JSON sa
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import tempfile
 import time
@@ -32,22 +30,7 @@ from dqn_atari.agent import resolve_device  # noqa: E402
 from dqn_atari.cli import build_config  # noqa: E402
 from dqn_atari.envs import display_name, make_env, resolve_game  # noqa: E402
 from dqn_atari.train import Trainer  # noqa: E402
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    import ale_py
-
-    return {"cpu": cpu, "cores": torch.get_num_threads(), "gpu": gpu, "torch": torch.__version__,
-            "ale_py": ale_py.__version__, "python": platform.python_version()}
+from benchlib import finish, machine_info  # noqa: E402
 
 
 def env_alone(game: str, steps: int) -> float:
@@ -176,7 +159,7 @@ def main() -> None:
         print(f"plain single-file style loop:          {plain:8.1f} agent steps/s", flush=True)
     result = {
         "name": "bench_train", "game": args.game, "device": str(resolve_device(args.device)),
-        "timed_steps": args.steps, "replay_capacity": args.capacity, "machine": machine(),
+        "timed_steps": args.steps, "replay_capacity": args.capacity, "machine": machine_info(),
         "env_alone_steps_per_s": env_rate, "one_run_steps_per_s": ours_stats["steps_per_s"],
         "plain_loop_steps_per_s": plain, "act_ms": ours_stats["act_ms"], "update_ms": ours_stats["update_ms"],
         "ratio_one_run_to_env_alone": ours_stats["steps_per_s"] / env_rate,
@@ -187,10 +170,7 @@ def main() -> None:
     }
     print(f"ratios: one run / env alone = {result['ratio_one_run_to_env_alone']:.3f}, "
           f"one run / plain loop = {result['ratio_one_run_to_plain_loop']:.2f}")
-    out = ROOT / "results" / "benchmarks" / "bench_train.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result))
+    finish(result, ROOT / "results" / "benchmarks" / "bench_train.json")
 
 
 if __name__ == "__main__":
