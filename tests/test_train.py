@@ -127,6 +127,14 @@ def test_smoke_pipeline_end_to_end(tmp_path, monkeypatch):
     report = tmp_path / "reports" / "nature_dqn" / "Pong.md"
     assert report.exists() and "Pong" in report.read_text()
     assert (tmp_path / "reports" / "nature_dqn" / "Pong.png").stat().st_size > 1000
+    # Re-evaluating the run, with a colour video of it playing.
+    video = tmp_path / "pong.mp4"
+    assert main(["evaluate", str(run_dir), "episodes=1", f"video={video}"]) == 0
+    import imageio.v2 as imageio
+
+    frames = list(imageio.get_reader(str(video)))
+    assert len(frames) > 100 and frames[0].shape == (210, 160, 3)
+    assert (frames[50][..., 0] != frames[50][..., 2]).any()  # colour, not grayscale
     # Re-running the finished run does nothing.
     assert main(["reproduce", "--smoke", "--game", "Pong", "--seeds", "1", "--no-progress",
                  f"runs_root={tmp_path / 'runs'}", "train.frames=12000", "device=cpu"]) == 0
