@@ -68,3 +68,8 @@ bench-train: install
 	$(PY) scripts/bench_train.py
 
 bench: bench-env bench-replay bench-train
+
+# Kill real training runs at random moments (some during checkpoint writes), resume them, and compare with
+# uninterrupted runs of the same seed. TRIALS=20 by default.
+faults: install
+	$(PY) scripts/fault_injection.py --trials $(or $(TRIALS),20) --task both --seed 0

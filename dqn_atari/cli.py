@@ -138,7 +138,14 @@ def main(argv: list[str] | None = None) -> int:
 
             module, func, _text = PASSTHROUGH[argv[0]]
             return getattr(importlib.import_module(module), func)(argv[1:]) or 0
-        args = make_parser().parse_args(argv)
+        parser = make_parser()
+        # key=value overrides may come before or after options (argparse stops collecting them at an option).
+        args, extra = parser.parse_known_args(argv)
+        stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+        if stray:
+            parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        if extra:
+            args.overrides = list(args.overrides) + extra
         return args.func(args)
     except (ConfigError, CheckpointError, TrainingDiverged, MemoryError, ValueError, FileNotFoundError) as exc:
         # Exit 2: the input is wrong (fix it and re-run). Exit 1: the run failed (memory, disk, divergence,

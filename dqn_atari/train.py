@@ -242,8 +242,9 @@ class Trainer:
             "env": _jsonable(self.env.state_dict()),
             "obs": _jsonable(self.obs),
         }
-        # The new generation's replay starts as hard links to the one this run last saved or resumed from,
-        # so the replay's incremental save writes only the chunks changed since.
+        # The new generation descends from the one this run last saved or resumed from: its replay starts as
+        # hard links to that one's (only changed chunks are written), and generations newer than it (left
+        # behind when a damaged one was skipped on resume) are removed.
         self.last_checkpoint = ckpt.save_checkpoint(self.ckpt_root, self.counters.agent_step, tensors, state,
                                                     self.replay.save, link_from=getattr(self, "last_checkpoint", None))
         return self.last_checkpoint
@@ -341,8 +342,9 @@ class Trainer:
                 f"The loss became NaN or infinite by agent step {self.counters.agent_step:,} (update "
                 f"{self.counters.updates:,}): last loss {s.get('loss')}, Q range [{s.get('q_min')}, {s.get('q_max')}]. "
                 f"Training stopped without checkpointing; the last good checkpoint "
-                f"({getattr(self, 'last_checkpoint', None) or f'none yet in {self.ckpt_root}'}) is kept. Lower agent.lr or check "
-                f"the config, then re-run (delete the checkpoints to restart from scratch)."
+                f"({getattr(self, 'last_checkpoint', None) or f'none yet in {self.ckpt_root}'}) is kept. The same "
+                f"config would diverge again: lower agent.lr (or fix the config) and re-run with force=true to go on "
+                f"from that checkpoint, or delete {self.run.path} to start over."
             )
 
     def run_evaluation(self, final: bool = False) -> list[float]:

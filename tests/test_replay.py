@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -468,6 +469,33 @@ def test_incremental_save_rewrites_only_changed_chunks(tmp_path):
     # A save right after a load of the same directory is incremental too: nothing changed, nothing written.
     loaded.save(directory)
     assert set(chunk_files(directory).values()) == set(second.values())
+
+
+def test_incremental_save_into_a_hard_linked_copy_leaves_the_original_intact(tmp_path):
+    """The checkpoint module hard-links the previous generation's replay directory into the new one and
+    saves there: only changed chunks may be written, and the old generation must still load unchanged."""
+    kwargs = dict(capacity=400, num_envs=1, frame_shape=FRAME, stack=4, n_step=3, discount=GAMMA, chunk_slots=32)
+    buf = PrioritizedReplayBuffer(**kwargs)
+    stream = random_stream(np.random.default_rng(13), 1, steps=10_000)
+    for _ in range(300):
+        buf.add(*next(stream))
+    buf.save(tmp_path / "gen1")
+    snapshot = PrioritizedReplayBuffer(**kwargs)
+    snapshot.load(tmp_path / "gen1")
+    (tmp_path / "gen2").mkdir()
+    for path in (tmp_path / "gen1").iterdir():
+        os.link(path, tmp_path / "gen2" / path.name)
+    for _ in range(20):
+        buf.add(*next(stream))
+    buf.save(tmp_path / "gen2")
+    first, second = chunk_files(tmp_path / "gen1"), chunk_files(tmp_path / "gen2")
+    assert 0 < sum(first[k] != second[k] for k in first) < len(first) / 4  # incremental, not a full write
+    old = PrioritizedReplayBuffer(**kwargs)
+    old.load(tmp_path / "gen1")
+    assert_same_state(snapshot, old)
+    new = PrioritizedReplayBuffer(**kwargs)
+    new.load(tmp_path / "gen2")
+    assert_same_state(buf, new)
 
 
 def test_corrupted_missing_or_truncated_chunk_is_detected(tmp_path):

@@ -12,6 +12,7 @@ positions point to, so a stack is a single gather.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,21 +25,80 @@ class ReplayMemoryError(MemoryError):
     """The machine does not have the memory the replay asks for (raised before allocating)."""
 
 
-def available_memory_bytes(meminfo: str = "/proc/meminfo") -> int | None:
-    """`MemAvailable` from /proc/meminfo in bytes, or None where it cannot be read (non-Linux)."""
+def available_memory_bytes(meminfo: str = "/proc/meminfo", cgroup_root: str | None = "/sys/fs/cgroup",
+                           proc_cgroup: str = "/proc/self/cgroup") -> int | None:
+    """Bytes this process can still allocate: `MemAvailable` from /proc/meminfo, lowered to what the
+    process's memory cgroup still allows (Slurm `--mem`, Docker `-m`, Kubernetes limits: /proc/meminfo
+    shows the whole node there, and exceeding the cgroup's limit gets the run OOM-killed, not refused).
+    None where neither can be read (non-Linux)."""
+    found: list[int] = []
     try:
         with open(meminfo) as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+                    found.append(int(line.split()[1]) * 1024)
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if cgroup_root is not None:
+        cgroup = _cgroup_available(Path(cgroup_root), Path(proc_cgroup))
+        if cgroup is not None:
+            found.append(cgroup)
+    return min(found) if found else None
+
+
+def _cgroup_available(root: Path, proc_cgroup: Path) -> int | None:
+    """limit - (usage - inactive file cache) of this process's memory cgroup (v2 or v1), if it has a limit."""
+
+    def number(path: Path) -> int | None:
+        try:
+            text = path.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return int(text) if text.isdigit() else None  # "max" (v2) means no limit
+
+    def stat(path: Path, key: str) -> int:
+        try:
+            for line in path.read_text().splitlines():
+                name, _, value = line.partition(" ")
+                if name == key and value.strip().isdigit():
+                    return int(value)
+        except (OSError, UnicodeDecodeError):
+            pass
+        return 0
+
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
         return None
-    return None
+    best: int | None = None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _id, controllers, rel = parts
+        if controllers == "":  # cgroup v2 (unified)
+            base, files = root, ("memory.max", "memory.current", "memory.stat", "inactive_file")
+        elif "memory" in controllers.split(","):  # cgroup v1
+            base, files = root / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes", "memory.stat",
+                                            "total_inactive_file")
+        else:
+            continue
+        # Inside a container the process's cgroup is usually mounted as the root; outside, at its path.
+        for directory in (base / rel.lstrip("/"), base):
+            limit = number(directory / files[0])
+            if limit is None or limit >= 1 << 60:  # v1 writes "no limit" as a huge number
+                continue
+            usage = (number(directory / files[1]) or 0) - stat(directory / files[2], files[3])
+            available = max(0, limit - max(0, usage))
+            best = available if best is None else min(best, available)
+            break
+    return best
 
 
 def _check_memory(needed_host: int, needed_device: int, device: Any, bytes_per_slot: int) -> None:
     """Raise ReplayMemoryError, before any allocation, if host (or GPU) memory cannot hold the replay."""
-    checks = [("host memory (MemAvailable in /proc/meminfo)", needed_host, available_memory_bytes())]
+    checks = [("host memory (MemAvailable, or what the memory cgroup allows)", needed_host, available_memory_bytes())]
     if needed_device and device is not None and str(device).startswith("cuda"):
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         checks.append((f"free memory on {device}", needed_device, free))

@@ -8,8 +8,11 @@ Layout of a save directory:
 
 Why this shape: a 1M-slot Atari replay is 7 GB, and rewriting all of it at every checkpoint makes
 checkpointing the bottleneck. Arrays are split into fixed row chunks (64k slots by default: 462 MB of
-84x84 frames); the buffer marks a chunk dirty when any of its rows changes, and saving again to the
-directory of the previous save rewrites only the dirty chunks, reusing the others' files.
+84x84 frames); the buffer marks a chunk dirty when any of its rows changes. Every save has a random id,
+kept in its manifest and by the buffer; when a directory's manifest carries the id of the buffer's last
+save or load (the same directory, or a hard-linked copy of it such as the checkpoint module makes for
+each new generation), only dirty chunks are written and the others keep their files. Files are never
+modified in place, so hard-linked copies of older saves stay intact.
 
 Atomicity: chunk files are always written under new names (the save id is part of the name), flushed and
 fsynced; then the manifest is written to a temporary file, fsynced and renamed over manifest.json (an
@@ -109,8 +112,9 @@ def save_arrays(
 ) -> str:
     """Save `specs` and `meta` into `directory`; returns the new save id.
 
-    If the directory's current manifest has save id `previous_save_id` (the buffer's last save or load
-    was this one) and `dirty` is given, chunks not marked dirty keep their existing files.
+    If the directory's current manifest has save id `previous_save_id` (the buffer's state at its last
+    save or load, which this directory holds or links to) and `dirty` is given, chunks not marked dirty
+    keep their existing files.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -135,6 +139,7 @@ def save_arrays(
                 index < len(old_chunks)
                 and not dirty[spec.group][index]  # type: ignore[index]
                 and (old_chunks[index]["start"], old_chunks[index]["stop"]) == (start, stop)
+                and (directory / old_chunks[index]["file"]).exists()
             )
             if reusable:
                 chunks.append(old_chunks[index])

@@ -72,7 +72,7 @@ class ReplayBuffer:
         num_chunks = -(-self.ring.num_slots // self.chunk_slots)
         # Everything is dirty until the first save; each group tracks the chunks its arrays changed in.
         self._dirty = {group: np.ones(num_chunks, dtype=bool) for group in self._dirty_groups()}
-        self._last_save: tuple[Path, str] | None = None
+        self._last_save_id: str | None = None  # id of the save (or load) that this buffer's state matches
         self._all_envs = np.arange(self.num_envs, dtype=np.int64)
 
     # ------------------------------------------------------------------ hooks for subclasses
@@ -250,21 +250,21 @@ class ReplayBuffer:
         self.ring.clear()
         for bitmap in self._dirty.values():
             bitmap.fill(True)
-        self._last_save = None
+        self._last_save_id = None
 
     def save(self, directory: str | os.PathLike) -> None:
         """Save everything a resume needs (frames, slot data, cursors, episode state, RNG) to `directory`.
 
-        Atomic, and incremental: saving again to the directory of this buffer's last save or load rewrites
-        only the chunks changed since (see `dqn_atari.replay.storage`).
+        Atomic, and incremental: if `directory` holds this buffer's last save or load (the same directory,
+        or a hard-linked copy of it as the checkpoint module makes for each generation), only the chunks
+        changed since are written; the others keep their files (see `dqn_atari.replay.storage`).
         """
         directory = Path(directory).resolve()
-        previous = self._last_save[1] if self._last_save and self._last_save[0] == directory else None
         meta = {"config": self._config(), "state": self._state()}
-        save_id = save_arrays(directory, self._specs(), self.chunk_slots, meta, self._dirty, previous)
+        save_id = save_arrays(directory, self._specs(), self.chunk_slots, meta, self._dirty, self._last_save_id)
         for bitmap in self._dirty.values():
             bitmap.fill(False)
-        self._last_save = (directory, save_id)
+        self._last_save_id = save_id
 
     def load(self, directory: str | os.PathLike) -> None:
         """Load a save into this buffer, which must have the same configuration (else ValueError naming the
@@ -291,4 +291,4 @@ class ReplayBuffer:
         same_chunks = manifest["chunk_rows"] == self.chunk_slots
         for bitmap in self._dirty.values():
             bitmap.fill(not same_chunks)
-        self._last_save = (directory, manifest["save_id"])
+        self._last_save_id = manifest["save_id"]
