@@ -46,6 +46,11 @@ reproduce: install
 smoke: install
 	$(PY) -m dqn_atari reproduce --smoke --game "$(SMOKE_GAME)" --variant "$(VARIANT)" --seeds "$(SMOKE_SEEDS)" --frames "$(FRAMES)" -- $(ARGS)
 
+# Rainbow and its six ablations (Hessel et al. 2018, Fig. 3) on one game, then the figure and table in
+# results/reports/ablations/<game>.{png,md}.
+ablations: install
+	$(PY) -m dqn_atari ablations --game "$(GAME)" --seeds "$(SEEDS)" --frames "$(FRAMES)" -- $(ARGS)
+
 tables: install
 	$(PY) -m dqn_atari tables
 

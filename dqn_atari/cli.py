@@ -88,6 +88,7 @@ PASSTHROUGH = {
     "tables": ("dqn_atari.analysis.cli", "tables_main", "paper-style tables (Markdown, LaTeX, CSV) from results/runs"),
     "plots": ("dqn_atari.analysis.cli", "plots_main", "learning curves, aggregate and ablation figures"),
     "report": ("dqn_atari.analysis.cli", "report_main", "per-game report of a variant next to the paper's score"),
+    "ablations": ("dqn_atari.ablations", "ablations_main", "Rainbow and its six ablations on a game, with the figure"),
     "sweep": ("dqn_atari.sweep", "sweep_main", "games x seeds x variants, locally, on Ray or on Slurm"),
     "status": ("dqn_atari.sweep", "status_main", "one table of a sweep's runs: progress, scores, ETA, state"),
 }
