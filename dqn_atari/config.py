@@ -505,3 +505,14 @@ def parse_frames(text: str | int | None) -> int | None:
     if value < 1 or not value.is_integer():
         raise ConfigError(f"--frames must be a positive whole number of frames; got {text!r}.")
     return int(value)
+
+
+def flatten_keys(d: dict, prefix: str = "") -> dict:
+    """A nested config dict as {dotted.key: value} (env.overrides stays one value)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "overrides":
+            out.update(flatten_keys(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out

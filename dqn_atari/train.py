@@ -26,7 +26,7 @@ import torch
 
 from dqn_atari import checkpoint as ckpt
 from dqn_atari.agent import Agent, resolve_device
-from dqn_atari.config import RUN_LOCAL_KEYS, Config, ConfigError, frames_to_steps
+from dqn_atari.config import RUN_LOCAL_KEYS, Config, ConfigError, flatten_keys, frames_to_steps
 from dqn_atari.envs import env_display_name, is_control_task, make_env
 from dqn_atari.replay import PrioritizedReplayBuffer, ReplayBuffer
 from dqn_atari.rundir import RunDir
@@ -469,18 +469,8 @@ def _identity(config_dict: dict) -> dict:
     return {k: v for k, v in config_dict.items() if k not in RUN_LOCAL_KEYS}
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "overrides":
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def _config_mismatch(recorded: dict, ours: dict, where: Path) -> str:
-    a, b = _flatten(recorded), _flatten(ours)
+    a, b = flatten_keys(recorded), flatten_keys(ours)
     diffs = [f"{k}: recorded {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b))
              if _norm(a.get(k)) != _norm(b.get(k))]
     return (f"This run directory was started with a different config ({where}): {'; '.join(diffs[:8])}. "

@@ -17,7 +17,9 @@ import pytest
 import torch
 
 from dqn_atari.agent import Agent
-from dqn_atari.config import ConfigError, apply_overrides, config_from_dict, deep_merge, load_config, read_yaml
+from dqn_atari.config import (
+    ConfigError, apply_overrides, config_from_dict, deep_merge, flatten_keys, load_config, read_yaml,
+)
 from dqn_atari.replay import Batch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,14 +48,7 @@ ABLATION_SWITCHES = {  # Hessel et al. 2018, Fig. 3: the one field each ablation
 }
 
 
-def flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "overrides":
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
+flat = flatten_keys
 
 
 # ----------------------------------------------------------------------------------------------------------
