@@ -227,14 +227,15 @@ def test_t_interval():
 
 def test_paper_protocol_parsing_and_differences():
     nature = parse_paper_protocol("noop-starts(<=30); eval eps=0.05; 30 eps x <=5min; best agent; "
-                                  "200M frames (50M steps)")
+                                  "50M frames (12.5M agent steps)")
     assert (nature.start_type, nature.eval_epsilon, nature.frames, nature.reporting, nature.max_episode_frames) == (
-        "noop", 0.05, 200e6, "best snapshot", 18_000)
+        "noop", 0.05, 50e6, "best snapshot", 18_000)
     dopamine = parse_paper_protocol("sticky actions p=0.25; TRAINING-episode return averaged over iteration 199 "
                                     "(~200M frames); mean of 5 seeds; train eps=0.01")
     assert (dopamine.start_type, dopamine.eval_epsilon, dopamine.reporting) == ("sticky", None, "training returns")
     ours = Protocol("nature2015", start="noop", noop_max=30, sticky_p=0.0, eval_epsilon=0.05, max_episode_frames=18_000)
-    assert protocol_differences(ours, 200e6, nature) == []
+    assert protocol_differences(ours, 50e6, nature) == []
+    assert any("200M" in d for d in protocol_differences(ours, 200e6, nature))
     diffs = protocol_differences(ours, 1e7, dopamine)
     assert any("sticky actions" in d for d in diffs) and any("10M" in d for d in diffs)
     assert any("training episodes" in d for d in diffs)
