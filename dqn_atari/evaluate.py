@@ -26,18 +26,41 @@ def load_run_agent(run_dir: Path) -> tuple[Config, Agent]:
     env.close()
     weights_path = run.path / "model.safetensors"
     if weights_path.exists():
-        weights = load_file(str(weights_path))
+        source, weights = weights_path, _read_weights(weights_path)
     else:
-        from dqn_atari.checkpoint import generations
-
-        gens = generations(run.path / "checkpoints")
-        if not gens:
-            raise ConfigError(f"{run_dir} has neither model.safetensors nor a checkpoint: nothing to evaluate yet.")
-        tensors = load_file(str(gens[0] / "tensors.safetensors"))
-        weights = {k[len("online."):]: v for k, v in tensors.items() if k.startswith("online.")}
-        print(f"{run_dir} is not finished; evaluating its latest checkpoint {gens[0].name}.")
-    agent.online.load_state_dict(weights)
+        source, weights = _latest_checkpoint_weights(run.path / "checkpoints", run_dir)
+        print(f"{run_dir} is not finished; evaluating its latest checkpoint {source.name}.")
+    try:
+        agent.online.load_state_dict(weights)
+    except RuntimeError as exc:  # missing, unexpected or mis-shaped tensors
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"{source} does not hold the weights of the network in {run.path / 'config.yaml'} "
+                          f"({first}); was it copied from another run?") from None
     return cfg, agent
+
+
+def _read_weights(path: Path) -> dict:
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error type for a damaged header or body
+        raise ConfigError(f"{path} cannot be read ({exc}): it is damaged. Restore it from a copy, or re-train "
+                          f"the run (a finished run keeps no checkpoints).") from None
+
+
+def _latest_checkpoint_weights(ckpt_root: Path, run_dir: Path) -> tuple[Path, dict]:
+    """The online network of the newest checkpoint generation that verifies (sha256 manifest), skipping
+    damaged ones as a resume would."""
+    from dqn_atari.checkpoint import inspect_checkpoints
+
+    problems = []
+    for gen, problem in inspect_checkpoints(ckpt_root, deep=False):
+        if problem is None:
+            tensors = load_file(str(gen / "tensors.safetensors"))
+            return gen, {k[len("online."):]: v for k, v in tensors.items() if k.startswith("online.")}
+        problems.append(f"{gen.name}: {problem}")
+    if problems:
+        raise ConfigError(f"{run_dir} has no usable checkpoint: {'; '.join(problems)}")
+    raise ConfigError(f"{run_dir} has neither model.safetensors nor a checkpoint: nothing to evaluate yet.")
 
 
 def evaluate_run(run_dir: Path, episodes: int | None = None, video: str | None = None,

@@ -1,0 +1,57 @@
+"""Re-evaluating a run (python -m dqn_atari evaluate): which weights it uses, and clear errors for damaged or
+foreign ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dqn_atari.config import ConfigError, apply_overrides, config_from_dict, deep_merge, read_yaml
+from dqn_atari.evaluate import load_run_agent
+from dqn_atari.train import Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_cartpole_run(tmp_path: Path, *overrides: str) -> Trainer:
+    data = deep_merge(read_yaml(ROOT / "configs" / "nature_dqn.yaml"), read_yaml(ROOT / "configs" / "control" / "cartpole.yaml"))
+    data = apply_overrides(data, [f"runs_root={tmp_path}", "device=cpu", "train.frames=900", "replay_start_steps=100",
+                                  "checkpoint_period_steps=300", "eval.period_steps=100000", "eval.episodes=1",
+                                  *overrides])
+    return Trainer(config_from_dict(data), progress=False)
+
+
+def test_unfinished_run_uses_its_newest_intact_checkpoint(tmp_path, capsys):
+    run = tiny_cartpole_run(tmp_path).train(interrupt_at_step=700)
+    gens = sorted((run.path / "checkpoints").glob("step_*"))
+    assert len(gens) >= 2 and not (run.path / "model.safetensors").exists()
+    _, agent = load_run_agent(run.path)
+    assert gens[-1].name in capsys.readouterr().out
+
+    damaged = gens[-1] / "tensors.safetensors"
+    data = damaged.read_bytes()
+    damaged.write_bytes(data[:-8] + bytes(b ^ 0xFF for b in data[-8:]))  # flip the last bytes
+    _, older = load_run_agent(run.path)
+    assert gens[-2].name in capsys.readouterr().out
+    assert any((a != b).any() for a, b in zip(agent.online.state_dict().values(), older.online.state_dict().values()))
+
+    for gen in gens:
+        (gen / "tensors.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="no usable checkpoint"):
+        load_run_agent(run.path)
+
+
+def test_damaged_or_foreign_final_weights_are_clear_errors(tmp_path):
+    run = tiny_cartpole_run(tmp_path / "a").train()
+    model = run.path / "model.safetensors"
+    original = model.read_bytes()
+    model.write_bytes(original[:100])
+    with pytest.raises(ConfigError, match="damaged"):
+        load_run_agent(run.path)
+
+    other = tiny_cartpole_run(tmp_path / "b", "network.mlp_hidden=[32, 32]", "train.frames=200").train()
+    model.write_bytes((other.path / "model.safetensors").read_bytes())
+    with pytest.raises(ConfigError, match="does not hold the weights"):
+        load_run_agent(run.path)
+    assert (other.path / "model.safetensors").exists()  # nothing of the other run was touched
