@@ -156,9 +156,19 @@ class ReplayConfig:
     """Added to |delta| so no transition has zero priority."""
     on_device: bool = False
     """Keep the frame store on the training device (GPU fast path); same semantics."""
+    her_strategy: str = "none"
+    """Hindsight experience replay for goal-conditioned tasks (Andrychowicz et al. 2017): none, final, future, episode."""
+    her_k: int = 4
+    """HER: relabelled goals per original transition for future and episode (paper: k = 4); final uses one."""
 
     def __post_init__(self) -> None:
         _check(self.capacity >= 1, f"replay.capacity must be >= 1, got {self.capacity}.")
+        _check(self.her_strategy in ("none", "final", "future", "episode"),
+               f"replay.her_strategy must be none, final, future or episode, got {self.her_strategy!r}.")
+        _check(self.her_k >= 1, f"replay.her_k must be >= 1, got {self.her_k}.")
+        _check(self.her_strategy == "none" or not (self.prioritized or self.on_device),
+               "replay.her_strategy works with uniform replay in host memory: set replay.prioritized=false and "
+               "replay.on_device=false, or replay.her_strategy=none.")
         _check(0.0 <= self.alpha <= 1.0, f"replay.alpha must be in [0, 1], got {self.alpha}.")
         _check(0.0 <= self.beta0 <= 1.0, f"replay.beta0 must be in [0, 1], got {self.beta0}.")
         _check(self.priority_eps > 0, f"replay.priority_eps must be positive, got {self.priority_eps}.")

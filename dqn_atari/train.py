@@ -28,7 +28,7 @@ from dqn_atari import checkpoint as ckpt
 from dqn_atari.agent import Agent, resolve_device
 from dqn_atari.config import RUN_LOCAL_KEYS, Config, ConfigError, flatten_keys, frames_to_steps
 from dqn_atari.envs import env_display_name, is_control_task, make_env
-from dqn_atari.replay import PrioritizedReplayBuffer, ReplayBuffer
+from dqn_atari.replay import HindsightReplayBuffer, PrioritizedReplayBuffer, ReplayBuffer
 from dqn_atari.rundir import RunDir
 
 
@@ -85,6 +85,20 @@ def make_eval_env(cfg: Config, eval_index: int):
     extra = {"protocol": cfg.env.protocol, "max_episode_frames": cfg.eval.max_episode_frames} if _is_atari(cfg) else {}
     return make_env(cfg.env.game, num_envs=cfg.eval.num_envs, seed=seed, training=False,
                     **{**cfg.env.overrides, **extra})
+
+
+def replay_kind(cfg: Config, env) -> tuple[type, dict]:
+    """The replay class and its extra arguments: prioritized, hindsight (goal-conditioned envs) or uniform."""
+    r = cfg.replay
+    if r.prioritized:
+        return PrioritizedReplayBuffer, dict(alpha=r.alpha, eps=r.priority_eps)
+    if r.her_strategy != "none":
+        if not hasattr(env, "goal_size"):
+            raise ConfigError(f"replay.her_strategy={r.her_strategy} needs a goal-conditioned env such as BitFlip10; "
+                              f"{cfg.env.game} has no goals. Set replay.her_strategy=none.")
+        return HindsightReplayBuffer, dict(strategy=r.her_strategy, k=r.her_k, goal_size=env.goal_size,
+                                           max_episode_steps=env.max_episode_steps)
+    return ReplayBuffer, {}
 
 
 def _is_atari(cfg: Config) -> bool:
@@ -200,8 +214,7 @@ class Trainer:
         self.env = make_train_env(cfg)
         self.frame_skip = frame_skip_of(self.env)
         self.total_steps = frames_to_steps(cfg.train.frames, self.frame_skip)
-        replay_cls = PrioritizedReplayBuffer if cfg.replay.prioritized else ReplayBuffer
-        replay_kwargs = dict(alpha=cfg.replay.alpha, eps=cfg.replay.priority_eps) if cfg.replay.prioritized else {}
+        replay_cls, replay_kwargs = replay_kind(cfg, self.env)
         obs_shape = tuple(self.env.obs_shape)
         self.replay = replay_cls(
             capacity=cfg.replay.capacity, num_envs=self.env.num_envs, frame_shape=obs_shape[1:],

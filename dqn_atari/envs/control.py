@@ -6,6 +6,9 @@
 - :func:`make_maze`: a deterministic grid maze with walls. The agent starts in the top-left corner and
   gets reward 1 (and a terminal) on reaching the bottom-right corner; otherwise 0 until the step limit.
   Observations: a one-hot float32 vector over the cells, ``(num_envs, 1, size * size)``.
+- :func:`make_bitflip`: the goal-conditioned n-bit flipping task of hindsight experience replay
+  (Andrychowicz et al. 2017, Sec. 3.1). Observations: float32 ``(num_envs, 1, 2n)``, the state bits then the
+  goal bits.
 
 Both are vector envs with same-step autoreset and the ``info`` keys of :mod:`dqn_atari.envs.base`
 (no lives: ``life_loss`` is always False; rewards are not clipped; one "frame" per step).
@@ -141,6 +144,78 @@ class GridMaze(VectorEnv):
         return self._observe()
 
 
+class BitFlip(VectorEnv):
+    """n-bit flipping (Andrychowicz et al. 2017, Sec. 3.1 and Appendix A), goal-conditioned.
+
+    State s in {0,1}^n, action i flips bit i, reward -[s' != g] after each step (0 on a step that lands on
+    the goal, -1 otherwise). Every episode lasts exactly n steps and never terminates: Appendix A counts an
+    episode as a success "if the goal state was achieved at an arbitrary timestep during the episode", and
+    the paper bootstraps with gamma "for all transitions including the ones ending an episode", so the end of an
+    episode is a time-limit truncation here. Hence ``episode_return > -n`` exactly when the goal was reached
+    (:meth:`succeeded`).
+
+    Start state and goal are drawn uniformly (Sec. 3.1); a goal equal to the start state is redrawn, as
+    Appendix A does for the robot tasks ("we discard initial state-goal pairs in which the goal is already
+    satisfied"), so no episode is won without acting.
+
+    Goal layout, which :class:`dqn_atari.replay.HindsightReplayBuffer` relies on: the observation is
+    ``s || g`` (``goal_size`` = n entries each) and the goal achieved in a state is the state itself (the
+    paper's m(s) = s).
+    """
+
+    spec_name = "BitFlip"
+    obs_dtype = np.float32
+    frame_stack = 1
+
+    def __init__(self, num_envs: int = 1, seed: int = 0, n_bits: int = 10) -> None:
+        super().__init__(num_envs, seed)
+        if n_bits < 1:
+            raise ValueError(f"BitFlip needs at least 1 bit, got n_bits={n_bits}.")
+        self.n_bits = self.goal_size = self.num_actions = self.max_episode_steps = int(n_bits)
+        self.spec_name = f"BitFlip{self.n_bits}"
+        self.action_meanings = [f"FLIP_{i}" for i in range(self.n_bits)]
+        self.obs_shape = (1, 2 * self.n_bits)
+        self._state = np.zeros((self.num_envs, self.n_bits), np.float32)
+        self._goal = np.zeros((self.num_envs, self.n_bits), np.float32)
+
+    def succeeded(self, episode_return: np.ndarray | float) -> np.ndarray:
+        """Whether an episode with this return reached its goal (every missed step costs -1, a hit 0)."""
+        return np.asarray(episode_return) > -self.n_bits
+
+    def _observe(self) -> np.ndarray:
+        return np.concatenate([self._state, self._goal], axis=1)[:, None, :]
+
+    def _backend_reset(self, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        index = range(self.num_envs) if mask is None else np.flatnonzero(mask)
+        for i, seed in zip(index, self._seeds(mask)):
+            rng = np.random.default_rng(int(seed))
+            self._state[i] = rng.integers(0, 2, self.n_bits)
+            self._goal[i] = self._state[i]
+            while np.array_equal(self._goal[i], self._state[i]):
+                self._goal[i] = rng.integers(0, 2, self.n_bits)
+        return self._observe(), np.zeros(self.num_envs, np.int64)
+
+    def _backend_step(self, actions: np.ndarray):
+        rows = np.arange(self.num_envs)
+        self._state[rows, actions] = 1.0 - self._state[rows, actions]
+        reached = (self._state == self._goal).all(axis=1)
+        reward = np.where(reached, 0.0, -1.0).astype(np.float32)
+        steps = self._episode_length + 1  # the base class counts this step after we return
+        never = np.zeros(self.num_envs, bool)
+        return self._observe(), reward, never, steps >= self.n_bits, np.zeros_like(steps), steps
+
+    def _config(self) -> dict[str, Any]:
+        return {**super()._config(), "n_bits": self.n_bits}
+
+    def _backend_state(self) -> dict[str, Any]:
+        return {"state": self._state.astype(int).tolist(), "goal": self._goal.astype(int).tolist()}
+
+    def _backend_load(self, state: dict[str, Any]) -> np.ndarray:
+        self._state[:] = state["state"]
+        self._goal[:] = state["goal"]
+        return self._observe()
+
+
 def make_cartpole(num_envs: int = 1, seed: int = 0, max_episode_steps: int = 500) -> CartPole:
     """CartPole-v1 as a vector env: float32 obs ``(num_envs, 1, 4)``, 2 actions, truncation at 500 steps."""
     return CartPole(num_envs, seed, max_episode_steps)
@@ -149,3 +224,8 @@ def make_cartpole(num_envs: int = 1, seed: int = 0, max_episode_steps: int = 500
 def make_maze(num_envs: int = 1, seed: int = 0, size: int = 5, max_episode_steps: int = 100) -> GridMaze:
     """The maze of :func:`maze_layout` as a vector env: one-hot float32 obs ``(num_envs, 1, size**2)``."""
     return GridMaze(num_envs, seed, size, max_episode_steps)
+
+
+def make_bitflip(num_envs: int = 1, seed: int = 0, n_bits: int = 10) -> BitFlip:
+    """n-bit flipping as a vector env: float32 obs ``(num_envs, 1, 2 * n_bits)`` (state, goal), n actions."""
+    return BitFlip(num_envs, seed, n_bits)

@@ -44,12 +44,17 @@ with `MemAvailable` in /proc/meminfo (and with free GPU memory for a cuda store)
 `ReplayMemoryError` (a MemoryError) says how much is needed and available and suggests a smaller
 `replay.capacity`.
 
+Hindsight relabelling (Andrychowicz et al. 2017). `HindsightReplayBuffer` is uniform replay over the same ring
+whose sampled transitions of goal-conditioned observations (s || g) get hindsight goals (`final`, `future`,
+`episode`) and recomputed rewards; see `dqn_atari.replay.hindsight`.
+
 Save/load. `save(directory)` and `load(directory)` are atomic, incremental and checksummed; see
 `dqn_atari.replay.storage`.
 """
 
 from __future__ import annotations
 
+from dqn_atari.replay.hindsight import HER_STRATEGIES, HindsightReplayBuffer
 from dqn_atari.replay.prioritized import PrioritizedReplayBuffer
 from dqn_atari.replay.ring import FrameRing, ReplayMemoryError, available_memory_bytes
 from dqn_atari.replay.storage import ReplayCorruptError
@@ -59,6 +64,8 @@ from dqn_atari.replay.uniform import Batch, ReplayBuffer
 __all__ = [
     "Batch",
     "FrameRing",
+    "HER_STRATEGIES",
+    "HindsightReplayBuffer",
     "PrioritizedReplayBuffer",
     "ReplayBuffer",
     "ReplayCorruptError",
