@@ -52,17 +52,8 @@ def test_replay_ratio_and_target_period_are_kept_with_several_envs(tmp_path):
     assert counts[1] == counts[4] == ((2000 - 400) // 4, 2000 // 300)
 
 
-@pytest.mark.slow
-def test_dqn_learns_cartpole(tmp_path):
-    """DQN with the MLP torso solves CartPole within a fixed budget (30k steps, seed 1): one of its periodic
-    evaluations, 10 greedy episodes each, has a mean return of at least 400."""
-    cfg = cartpole_config(tmp_path, "seed=1", "train.frames=30000", "eval.period_steps=2500")
-    run = train(cfg, progress=False)
-    evals = run.eval
-    print("CartPole evaluations (step: mean of 10 greedy episodes):",
-          dict(zip(evals["agent_step"], evals["mean_score"])))
-    assert (evals["num_episodes"] == 10).all()
-    assert evals["mean_score"].max() >= 400
+# DQN learning CartPole (configs/control/cartpole.yaml, seed 1) is tests/test_variants.py::
+# test_variant_learns_cartpole[nature_dqn], with every other variant beside it.
 
 
 def _run_files(run_dir: Path) -> dict:

@@ -10,6 +10,7 @@ and truncations inside the window against a naive reference in tests/test_replay
 from __future__ import annotations
 
 import ast
+import time
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +189,59 @@ def test_the_learning_code_never_branches_on_the_variant_name():
             if isinstance(node, ast.Compare) and "variant" in ast.unparse(node):
                 offenders.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
     assert not offenders, offenders
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Every variant learns CartPole through the real loop (configs/control/cartpole.yaml layered over its config)
+
+SOLVED = 400.0  # mean greedy return over the periodic evaluation's 10 episodes (CartPole-v1 caps episodes at 500)
+CARTPOLE_BUDGET_STEPS = 50_000  # configs/control/cartpole.yaml's train.frames (one frame = one agent step)
+EVAL_PERIOD_STEPS = 2_500
+
+
+def cartpole_config(variant: str, tmp_path: Path, *overrides: str):
+    data = deep_merge(read_yaml(CONFIGS / f"{variant}.yaml"), read_yaml(CARTPOLE))
+    return config_from_dict(apply_overrides(data, [f"runs_root={tmp_path}", "device=cpu", "seed=1",
+                                                   f"train.frames={CARTPOLE_BUDGET_STEPS}",
+                                                   f"eval.period_steps={EVAL_PERIOD_STEPS}", *overrides]))
+
+
+def train_until_solved(cfg) -> tuple[int | None, list[float]]:
+    """Train through the real loop one evaluation period at a time (each stop checkpoints, each start resumes,
+    which is bit-identical to an uninterrupted run: tests/test_train.py) and stop at the first evaluation
+    whose mean reaches SOLVED. Returns (that agent step or None, every evaluation mean)."""
+    from dqn_atari.train import Trainer
+
+    stop = 0
+    while True:
+        stop += cfg.eval.period_steps
+        run = Trainer(cfg, progress=False).train(interrupt_at_step=stop)
+        ev = run.eval
+        assert (ev["num_episodes"] == cfg.eval.episodes).all(), "an evaluation lost episodes to its step budget"
+        solved = ev.loc[ev["mean_score"] >= SOLVED, "agent_step"]
+        if len(solved) or run.is_done:
+            return (int(solved.iloc[0]) if len(solved) else None), ev["mean_score"].round(1).tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", PAPER_VARIANTS)
+def test_variant_learns_cartpole(variant, tmp_path, record_property):
+    """The table of steps to solve is printed at the end of the session (tests/conftest.py)."""
+    cfg = cartpole_config(variant, tmp_path)
+    # The layer keeps the variant's switches (it only sizes the task): what is tested is the variant.
+    paper = load_config(CONFIGS / f"{variant}.yaml")
+    for field in ("network.head", "network.dueling", "network.noisy", "agent.double", "agent.n_step",
+                  "replay.prioritized"):
+        section, name = field.split(".")
+        assert getattr(getattr(cfg, section), name) == getattr(getattr(paper, section), name), field
+    start = time.perf_counter()
+    step, evals = train_until_solved(cfg)
+    solved = f"{step:,}" if step else "not solved"
+    record_property("summary", ("CartPole steps to solve (first periodic evaluation, 10 greedy episodes, with mean "
+                                f"return >= {SOLVED:.0f}; budget {CARTPOLE_BUDGET_STEPS:,} steps, seed 1):\n"
+                                f"  {'variant':<14}{'solved at':>12}{'wall':>10}  evaluations",
+                                f"{variant:<14}{solved:>12}{time.perf_counter() - start:>8.0f} s  {evals}"))
+    assert step is not None, f"{variant} never reached a mean greedy return of {SOLVED} on CartPole: {evals}"
 
 
 # ----------------------------------------------------------------------------------------------------------
