@@ -13,6 +13,9 @@ ARGS ?=
 # make smoke: Pong and one seed unless GAME / SEEDS are given on the command line.
 SMOKE_GAME := $(if $(filter command line environment,$(origin GAME)),$(GAME),Pong)
 SMOKE_SEEDS := $(if $(filter command line environment,$(origin SEEDS)),$(SEEDS),1)
+# make her: bit counts and training episodes per run (empty: dqn_atari/her.py's default, 4000)
+BITS ?= 5 10 15 20 25
+EPISODES ?=
 # make sweep / make status
 GAMES ?= $(GAME)
 VARIANTS ?= $(VARIANT)
@@ -73,6 +76,11 @@ bench-train: install
 	$(PY) scripts/bench_train.py
 
 bench: bench-env bench-replay bench-train
+
+# Hindsight experience replay's bit-flipping experiment (Andrychowicz et al. 2017, Fig. 1): DQN with and without
+# HER for each number of bits and seed, then results/reports/her/bitflip.{png,md,csv}. About 15 minutes on 2 cores.
+her: install
+	$(PY) -m dqn_atari.her --bits "$(BITS)" --seeds "$(SEEDS)" --episodes "$(EPISODES)" -- $(ARGS)
 
 # Kill real training runs at random moments (some during checkpoint writes), resume them, and compare with
 # uninterrupted runs of the same seed. TRIALS=20 by default.

@@ -213,3 +213,26 @@ def test_interrupted_and_resumed_her_run_is_bit_identical(tmp_path):
     assert wa.keys() == wb.keys()
     for key in wa:
         np.testing.assert_array_equal(wa[key], wb[key])
+
+
+def test_make_her_trains_both_variants_then_writes_the_figure_and_tables(tmp_path, capsys):
+    """The `make her` driver end to end at a tiny budget: runs in worker processes, the report from their final
+    evaluations, and a second call that finds every run DONE and only rewrites the report."""
+    from dqn_atari.her import her_main
+
+    argv = ["--bits", "3", "--seeds", "1", "--episodes", "40", "--workers", "1", "--no-progress",
+            "--out", str(tmp_path / "report"), f"runs_root={tmp_path / 'runs'}", "eval.episodes=10"]
+    assert her_main(argv) == 0
+    table = (tmp_path / "report" / "bitflip.csv").read_text().splitlines()
+    assert table[0].startswith("variant,bits,seed,her_strategy")
+    assert sorted(row.split(",")[:3] for row in table[1:]) == [["bitflip_dqn", "3", "1"], ["bitflip_her", "3", "1"]]
+    md = (tmp_path / "report" / "bitflip.md").read_text()
+    assert "| n bits | DQN | DQN+HER | minutes per run |" in md and "HER strategy: final" in md
+    assert (tmp_path / "report" / "bitflip.png").stat().st_size > 10_000
+    runs = sorted((tmp_path / "runs").glob("*/BitFlip*/seed1/DONE"))
+    assert len(runs) == 2
+    stamps = [p.stat().st_mtime_ns for p in runs]
+    assert her_main(argv) == 0  # all DONE: nothing retrains
+    assert [p.stat().st_mtime_ns for p in runs] == stamps
+    assert her_main(["--bits", "3", "--episodes", "0", "--no-progress"]) == 2
+    assert "episodes" in capsys.readouterr().err
