@@ -279,9 +279,11 @@ def test_not_enough_memory_is_reported_before_allocating(tmp_path):
 SIGNIFICANCE = 0.001  # chi-square tests reject a correct sampler with this probability (fixed seeds)
 
 
-def test_sum_tree_sampling_frequencies_chi_square():
+@pytest.mark.parametrize("top_nodes", [1, 64, 4096])  # descend from the root / 2 levels / one cumsum of the leaves
+def test_sum_tree_sampling_frequencies_chi_square(top_nodes):
     rng = np.random.default_rng(0)
-    tree = SumTree(1500, branching=8)  # 4 levels
+    tree = SumTree(1500, branching=8, top_nodes=top_nodes)  # 4096 padded leaves, 4 levels up to the root
+    assert tree.depth == {1: 4, 64: 2, 4096: 0}[top_nodes] and tree.levels[-1].size <= top_nodes
     leaves = rng.random(1500) ** 3
     leaves[rng.random(1500) < 0.3] = 0.0  # zero leaves must never be drawn
     tree.set(np.arange(1500), leaves)
@@ -319,7 +321,24 @@ def test_sum_tree_updates_and_duplicate_indices():
     assert np.all(ref[tree.find(np.linspace(0, tree.total, 5001))] > 0)
     # The exact fallback (sequential sums) that find() uses if BLAS prefix sums ever round badly agrees.
     mass = np.random.default_rng(2).random(500) * tree.total
-    np.testing.assert_array_equal(tree._descend(mass, tree._prefix_cumsum), tree.find(mass))
+    np.testing.assert_array_equal(tree.find_exact(mass), tree.find(mass))
+
+
+def test_sum_tree_find_matches_a_search_of_the_leaf_prefix_sums():
+    """find() (a shared cumsum of the top level, then per-draw descent) against np.searchsorted on the leaves."""
+    rng = np.random.default_rng(5)
+    tree = SumTree(100_000, branching=8, top_nodes=600)  # 262,144 padded leaves; top level 512 nodes, 3 levels below
+    assert tree.depth == 3 and tree.levels[-1].size == 512
+    leaves = rng.exponential(size=100_000) * (rng.random(100_000) < 0.5)  # half the leaves zero
+    tree.set(np.arange(100_000), leaves)
+    prefix = np.cumsum(leaves)
+    mass = np.sort(rng.random(4000)) * prefix[-1]
+    expected = np.searchsorted(prefix, mass, side="right")  # the leaf whose prefix interval holds the mass
+    close = np.abs(prefix[np.minimum(expected, 99_999)] - mass) < 1e-9 * prefix[-1]  # ties: rounding decides
+    found = tree.find(mass)
+    assert np.all(leaves[found] > 0)
+    np.testing.assert_array_equal(found[~close], expected[~close])
+    assert tree.bytes_needed(100_000, 8, 600) == tree.nbytes
 
 
 def filled_per(n_step=3, num_envs=2, steps=300, seed=0, **kwargs):
@@ -357,6 +376,32 @@ def test_new_transitions_get_the_max_priority_seen():
         buf.add(*step)
     new = sorted(set(buf.valid_indices().tolist()) - before)
     assert new and np.all(buf.priorities(new) == buf.max_priority)
+
+
+def test_a_transition_written_over_a_samplable_one_is_new():
+    """One-step episodes fill a ring with transitions that are samplable until the moment they are overwritten
+    (each is its episode's first frame, its final frame right after it), and each new one is samplable at once:
+    the new transition must get the max priority and its own sample cache, not keep the old one's."""
+    buf = PrioritizedReplayBuffer(20, 1, FRAME, stack=4, n_step=1, discount=GAMMA, seed=0)
+    ref = NaiveReplay(20, 1, FRAME, stack=4, n_step=1, gamma=GAMMA)
+    rng = np.random.default_rng(6)
+
+    def one_step_episode():
+        frames, finals = rng.integers(0, 256, (2, 1, *FRAME), dtype=np.uint8)
+        step = (frames, [int(rng.integers(0, 6))], [float(rng.normal())], [bool(rng.random() < 0.5)], [True], finals)
+        buf.add(*step)
+        ref.add(*step)
+
+    for _ in range(15):
+        one_step_episode()
+    valid = buf.valid_indices()
+    assert valid.size == 10
+    buf.update_priorities(valid, np.zeros(valid.size))  # every stored transition now has the lowest priority
+    slot = int(buf.ring.cursor[0])
+    assert buf.ring.valid[slot]  # about to be overwritten while samplable
+    one_step_episode()
+    assert buf.ring.valid[slot] and buf.priorities([slot])[0] == buf.max_priority == 1.0
+    assert_batch_matches(buf.transitions(buf.valid_indices()), ref.expected())
 
 
 def test_prioritized_sampling_frequencies_and_weights():
@@ -398,6 +443,9 @@ def assert_same_state(a, b) -> None:
     for name, arr in a.ring.slot_arrays().items():
         np.testing.assert_array_equal(as_numpy(arr), as_numpy(b.ring.slot_arrays()[name]), err_msg=name)
     assert a.ring.state() == b.ring.state()
+    valid = a.valid_indices()  # the sample cache is rebuilt on load, not saved
+    for name in ("obs_slots", "nstep_return", "nstep_discount"):
+        np.testing.assert_array_equal(getattr(a.ring, name)[valid], getattr(b.ring, name)[valid], err_msg=name)
     assert a.rng.bit_generator.state == b.rng.bit_generator.state
     if isinstance(a, PrioritizedReplayBuffer):
         np.testing.assert_array_equal(a.tree.leaves, b.tree.leaves)

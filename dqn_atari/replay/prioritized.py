@@ -15,6 +15,7 @@ samplable (for n-step, once its window is known).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -93,9 +94,10 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         if self.ring.num_valid == 0:
             raise ValueError("no transition can be sampled yet: add more steps before sampling")
         slots = self.tree.sample(self.rng, batch_size)
-        probs = self.tree.get(slots) / self.tree.total
-        weights = (self.ring.num_valid * probs) ** (-beta)
-        weights /= weights.max()  # Algorithm 1, line 10: normalise by the batch's largest weight
+        # w_j = (N P(j))^-beta / max_i (N P(i))^-beta (Algorithm 1, line 10: normalised by the batch's largest
+        # weight) = (min_i p_i / p_j)^beta: N and the total cancel, and the largest weight is the smallest p.
+        priority = self.tree.get(slots)
+        weights = (priority.min() / priority) ** beta
         return self._batch(slots, weights.astype(np.float32))
 
     def update_priorities(self, indices: Any, td_abs: Any) -> None:
@@ -107,12 +109,14 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         td = np.abs(_to_numpy(td_abs, np.float64))
         if slots.shape != td.shape:
             raise ValueError(f"indices and td_abs must have the same length, got {slots.shape} and {td.shape}")
-        if not np.all(np.isfinite(td)):
+        if td.size and not math.isfinite(td.max()):  # NaN or inf anywhere makes the max NaN or inf
             raise ValueError("td_abs contains NaN or inf; the loss has diverged (check the learning rate and targets)")
         if slots.size and (slots.min() < 0 or slots.max() >= self.ring.num_slots):
             raise ValueError(f"indices must be flat slot ids in [0, {self.ring.num_slots})")
         keep = self.ring.valid[slots]
-        slots, priority = slots[keep], (td[keep] + self.eps) ** self.alpha
+        if not keep.all():
+            slots, td = slots[keep], td[keep]
+        priority = (td + self.eps) ** self.alpha
         if slots.size:
             self.tree.set(slots, priority)
             self.max_priority = max(self.max_priority, float(priority.max()))

@@ -164,7 +164,9 @@ class FrameRing:
         self._gamma_pows = self.discount ** np.arange(self.n_step + 1, dtype=np.float64)
 
         frame_bytes = int(np.prod(self.frame_shape, dtype=np.int64)) * self.frame_dtype.itemsize
-        meta_bytes = 4 + 4 + 1 + 1 + 1 + 4 + 1  # action, reward, terminated, episode_end, is_transition, ep_step, valid
+        # action, reward, terminated, episode_end, is_transition, ep_step, valid; then the sample cache:
+        # frame ids of both observations (int32), n-step return and discount
+        meta_bytes = 4 + 4 + 1 + 1 + 1 + 4 + 1 + 2 * self.stack * 4 + 4 + 4
         per_slot = frame_bytes + meta_bytes + extra_bytes_per_slot
         frames_bytes = frame_bytes * (self.num_slots + 1)
         on_device = device is not None
@@ -183,6 +185,14 @@ class FrameRing:
         self.is_transition = np.zeros(n, dtype=bool)
         self.ep_step = np.zeros(n, dtype=np.int32)
         self.valid = np.zeros(n, dtype=bool)
+        # The sample cache: what `sample` needs of a samplable slot, stored when the slot is refreshed so that a
+        # batch is a few lookups instead of the window and stack arithmetic. It is fixed while the slot stays
+        # samplable (its window and the episode steps its stacks depend on cannot change until the slot is
+        # overwritten), holds garbage for other slots, and is rebuilt after a load rather than saved.
+        # obs_slots[j] = (frame ids of obs_tm1, frame ids of obs_t); nstep_return/nstep_discount as `window`.
+        self.obs_slots = np.zeros((n, 2, self.stack), dtype=np.int32 if n < 2**31 - 1 else np.int64)
+        self.nstep_return = np.zeros(n, dtype=np.float32)
+        self.nstep_discount = np.zeros(n, dtype=np.float32)
         if on_device:
             torch_dtype = torch.from_numpy(np.empty(0, dtype=self.frame_dtype)).dtype
             self.frames = torch.zeros((n + 1, *self.frame_shape), dtype=torch_dtype, device=device)
@@ -213,7 +223,8 @@ class FrameRing:
         return int(frames + sum(a.nbytes for a in self._meta_arrays()))
 
     def _meta_arrays(self) -> tuple[np.ndarray, ...]:
-        return self.action, self.reward, self.terminated, self.episode_end, self.is_transition, self.ep_step, self.valid
+        return (self.action, self.reward, self.terminated, self.episode_end, self.is_transition, self.ep_step,
+                self.valid, self.obs_slots, self.nstep_return, self.nstep_discount)
 
     def slot_arrays(self) -> dict[str, Any]:
         """The per-slot arrays, by name (frames without the padding row); what a save must hold."""
@@ -269,16 +280,34 @@ class FrameRing:
 
         Only these slots can change: the written ones, the n before them (their n-step window may now be
         known) and the stack-1 oldest after the cursor (their stack may now reach overwritten frames).
-        Returns (changed slots, their new validity, all looked-at slots); the slots are distinct.
+        The sample cache of all of them is refreshed too. Returns (changed slots, their new validity, all
+        looked-at slots); the slots are distinct. A written slot that was samplable and is again (a one-step
+        episode written over an episode's first slot) counts as changed: it holds a new transition.
         """
         pos = (first_pos[:, None] + self._refresh_offsets) % self.slots_per_env
         slots = (self._env_base[:, None] + pos).reshape(-1)
-        now = self.compute_valid(slots)
+        now, window = self._valid_and_window(slots)
+        self._store_sample_cache(slots, window)
         old = self.valid[slots]
         self.valid[slots] = now
         self.num_valid += int(np.count_nonzero(now)) - int(np.count_nonzero(old))
-        changed = now != old
+        written = (self._refresh_offsets >= 0) & (self._refresh_offsets < ((self.cursor - first_pos) % self.slots_per_env)[:, None])
+        changed = (now != old) | (now & written.reshape(-1))
         return slots[changed], now[changed], slots
+
+    def _store_sample_cache(self, slots: np.ndarray, window: tuple[np.ndarray, ...]) -> None:
+        """Store the sample cache of `slots` (distinct) from their `window`; garbage for unsamplable slots."""
+        _, ret, discount, boot = window
+        self.nstep_return[slots] = ret
+        self.nstep_discount[slots] = discount
+        both = self.stack_slots(np.concatenate([slots, boot]))  # (2B, stack): obs_tm1 rows, then obs_t rows
+        self.obs_slots[slots] = both.reshape(2, slots.size, self.stack).transpose(1, 0, 2)
+
+    def rebuild_sample_cache(self, chunk: int = 1 << 16) -> None:
+        """Recompute the sample cache of every slot (after a load), `chunk` slots at a time."""
+        for start in range(0, self.num_slots, chunk):
+            slots = np.arange(start, min(start + chunk, self.num_slots), dtype=np.int64)
+            self._store_sample_cache(slots, self.window(slots))
 
     # ------------------------------------------------------------------ indexing
     def logical_age(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -298,14 +327,18 @@ class FrameRing:
         Stored means: the slot and its bootstrap slot (slot + m) are written and not overwritten, and the
         frames its stack uses (back to its episode's start, at most stack - 1 slots) are not overwritten.
         """
+        return self._valid_and_window(slots)[0]
+
+    def _valid_and_window(self, slots: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        """(compute_valid(slots), window(slots)), computing the window once."""
         age, written = self.logical_age(slots)
         lookback = np.minimum(self.ep_step[slots], self.stack - 1)
-        steps = self.window(slots)[0]
-        newest = age + steps  # age of the bootstrap slot; it must be written: age + m < count
+        window = self.window(slots)
+        newest = age + window[0]  # age of the bootstrap slot; it must be written: age + m < count
         ok = written & self.is_transition[slots] & (lookback <= age)
         if self.num_envs == 1:
-            return ok & (newest < self.count[0])
-        return ok & (newest < self.count[slots // self.slots_per_env])
+            return ok & (newest < self.count[0]), window
+        return ok & (newest < self.count[slots // self.slots_per_env]), window
 
     def offset_slots(self, slots: np.ndarray, offsets: np.ndarray | int) -> np.ndarray:
         """Slot ids `offsets` positions after `slots` within each slot's own ring (broadcasts)."""
@@ -373,6 +406,7 @@ class FrameRing:
         self.next_ep_step[:] = state["next_ep_step"]
         self.num_transitions = int(state["num_transitions"])
         self.num_valid = int(state["num_valid"])
+        self.rebuild_sample_cache()  # the slot arrays were loaded first; the cache is derived from them
 
     def clear(self) -> None:
         """Forget everything (frames are left as they are; nothing can be sampled until rewritten)."""

@@ -183,13 +183,14 @@ class ReplayBuffer:
                 "before sampling (the trainer's replay_start_steps)"
             )
         counts = self.ring.count
-        cum = np.cumsum(counts)
+        cum = counts if self.num_envs == 1 else np.cumsum(counts)
+        total = int(cum[-1])
         parts = []
         need = batch_size
         while need > 0:
             # Written positions of each env's ring are always the prefix [0, count).
-            # rng.random is ~5x cheaper per call than rng.integers; the minimum guards the round-up to cum[-1].
-            u = np.minimum((self.rng.random(max(2 * need, 8)) * cum[-1]).astype(np.int64), cum[-1] - 1)
+            # rng.random is ~5x cheaper per call than rng.integers; the minimum guards the round-up to total.
+            u = np.minimum((self.rng.random(max(2 * need, 8)) * total).astype(np.int64), total - 1)
             if self.num_envs == 1:
                 slots = u
             else:
@@ -209,12 +210,11 @@ class ReplayBuffer:
 
     def _batch(self, slots: np.ndarray, weights: np.ndarray | None) -> Batch:
         ring = self.ring
-        _, reward, discount, boot = ring.window(slots)
-        both = ring.stack_slots(np.concatenate([slots, boot])).reshape(2, slots.size, ring.stack)
-        frames = ring.gather(both)  # one gather for obs_tm1 and obs_t; each half is contiguous
+        # The ring's sample cache holds each samplable slot's frame ids, n-step return and discount.
+        frames = ring.gather(ring.obs_slots[slots].transpose(1, 0, 2))  # one gather; obs_tm1, obs_t contiguous
         if weights is None:
             weights = np.ones(slots.size, dtype=np.float32)
-        fields = (ring.action[slots].astype(np.int64), reward, discount, slots, weights)
+        fields = (ring.action[slots].astype(np.int64), ring.nstep_return[slots], ring.nstep_discount[slots], slots, weights)
         if self.device is not None:
             dev = ring.frames.device
             fields = tuple(torch.from_numpy(f).to(dev, non_blocking=True) for f in fields)
