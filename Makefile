@@ -9,6 +9,7 @@ GAME ?= Breakout
 VARIANT ?= nature_dqn
 SEEDS ?= 1 2 3
 FRAMES ?=
+PARALLEL ?=
 ARGS ?=
 # make smoke: Pong and one seed unless GAME / SEEDS are given on the command line.
 SMOKE_GAME := $(if $(filter command line environment,$(origin GAME)),$(GAME),Pong)
@@ -43,8 +44,10 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not slow"
 
+# PARALLEL=1: all SEEDS in one process (one batched network evaluation and update per step for all of them),
+# with the same results as training them one after the other (README, "K runs in one process").
 reproduce: install
-	$(PY) -m dqn_atari reproduce --game "$(GAME)" --variant "$(VARIANT)" --seeds "$(SEEDS)" --frames "$(FRAMES)" -- $(ARGS)
+	$(PY) -m dqn_atari reproduce --game "$(GAME)" --variant "$(VARIANT)" --seeds "$(SEEDS)" --frames "$(FRAMES)" $(if $(PARALLEL),--parallel) -- $(ARGS)
 
 smoke: install
 	$(PY) -m dqn_atari reproduce --smoke --game "$(SMOKE_GAME)" --variant "$(VARIANT)" --seeds "$(SMOKE_SEEDS)" --frames "$(FRAMES)" -- $(ARGS)

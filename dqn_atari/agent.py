@@ -107,13 +107,16 @@ class Agent:
         """Epsilon-greedy over the batch of observations, drawing from ``rng`` (default: the training
         stream). The same random numbers are drawn whatever epsilon is, so the stream's position depends only
         on the step count; the network is skipped when every action is random."""
-        rng = self.rng if rng is None else rng
-        n = obs.shape[0]
-        explore = rng.random(n) < epsilon
-        random_actions = rng.integers(0, self.num_actions, size=n)
+        explore, random_actions = self.explore(obs.shape[0], epsilon, rng)
         if explore.all():
-            return random_actions.astype(np.int64)
+            return random_actions
         return np.where(explore, random_actions, self.greedy(obs)).astype(np.int64)
+
+    def explore(self, n: int, epsilon: float, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The random part of :meth:`act` for ``n`` envs: which of them act at random, and their random actions."""
+        rng = self.rng if rng is None else rng
+        explore = rng.random(n) < epsilon
+        return explore, rng.integers(0, self.num_actions, size=n).astype(np.int64)
 
     # -- learning ----------------------------------------------------------------------------------------
     def _to_device(self, batch) -> Any:

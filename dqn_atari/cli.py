@@ -9,8 +9,11 @@ from pathlib import Path
 
 from dqn_atari.config import (
     Config, ConfigError, apply_overrides, config_from_dict, deep_merge, describe_fields, find_variant_config,
-    parse_frames, read_yaml,
+    parse_frames, parse_override, read_yaml,
 )
+
+# Not config keys: `seeds=[1,2,3,4]` and `games=[Pong,Breakout]` ask for several runs, trained in one process.
+RUN_LIST_KEYS = ("seeds", "games")
 
 
 def _keys_help() -> str:
@@ -34,12 +37,40 @@ def build_config(config_path: str | Path | None, overrides: list[str], smoke: bo
     return config_from_dict(data, where=str(config_path or "the command line"))
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from dqn_atari.train import train
+def split_run_lists(overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Take ``seeds=[1,2,3]`` / ``games=[Pong,Breakout]`` (also ``seeds=1,2,3``) out of the overrides."""
+    rest, lists = [], {}
+    for text in overrides:
+        key, value = parse_override(text) if "=" in text else (text, None)
+        if key not in RUN_LIST_KEYS:
+            rest.append(text)
+            continue
+        items = value if isinstance(value, list) else str(value).replace(",", " ").split()
+        if not items:
+            raise ConfigError(f"{key}= needs at least one value, e.g. {key}=[1,2,3,4].")
+        lists[key] = [str(v).strip() for v in items]
+    return rest, lists
 
-    cfg = build_config(args.config, args.overrides)
-    train(cfg, progress=not args.no_progress)
-    return 0
+
+def configs_for_runs(config_path, overrides: list[str], seeds: list, games: list | None = None,
+                     **kwargs) -> list[Config]:
+    """One config per (game, seed): the runs that one process trains together."""
+    games = games or [None]
+    return [build_config(config_path, [*overrides, *([f"env.game={g}"] if g else []), f"seed={s}"], **kwargs)
+            for g in games for s in seeds]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dqn_atari.train import train, train_runs
+
+    overrides, lists = split_run_lists(list(args.overrides))
+    if not lists:
+        train(build_config(args.config, overrides), progress=not args.no_progress)
+        return 0
+    cfgs = configs_for_runs(args.config, overrides, lists.get("seeds") or [build_config(args.config, overrides).seed],
+                            lists.get("games"))
+    runs = train_runs(cfgs, progress=not args.no_progress)
+    return 0 if all(run.is_done for run in runs) else 130
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -65,13 +96,19 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     frames = parse_frames(args.frames)
     if frames:
         extra["train"] = {"frames": frames}
-    cfg = None
-    for seed in seeds:
-        cfg = build_config(config_path, list(args.overrides) + [f"seed={seed}"], smoke=args.smoke, extra=extra)
+    cfgs = configs_for_runs(config_path, list(args.overrides), seeds, smoke=args.smoke, extra=extra)
+    if args.parallel:  # every seed in this one process (dqn_atari.agent_group); same results as one by one
+        from dqn_atari.train import train_runs
+
+        if not all(run.is_done for run in train_runs(cfgs, progress=not args.no_progress)):
+            print("The runs stopped before the end of their budget; re-run the same command to resume.")
+            return 130
+    for cfg in cfgs if not args.parallel else []:
         run = train(cfg, progress=not args.no_progress)
         if not run.is_done:  # interrupted (a signal): stop here rather than start the next seed
-            print(f"Seed {seed} stopped before the end of its budget; re-run the same command to resume.")
+            print(f"Seed {cfg.seed} stopped before the end of its budget; re-run the same command to resume.")
             return 130
+    cfg = cfgs[-1]
     from dqn_atari.analysis.report import write_game_report
     from dqn_atari.train import game_of
 
@@ -98,7 +135,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dqn_atari", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train one run from a config file (resumes if interrupted)",
+    p = sub.add_parser("train", help="train one run from a config file (resumes if interrupted); seeds=[1,2,3,4] "
+                       "(and/or games=[...]) trains several runs in one process",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_keys_help())
     p.add_argument("config", help="YAML config, e.g. configs/nature_dqn.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. env.game=Pong seed=2")
@@ -118,6 +156,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="1 2 3")
     p.add_argument("--frames", default="", help="training budget in frames (default: the config's)")
     p.add_argument("--smoke", action="store_true", help="tiny budget (configs/smoke.yaml), results under results/smoke/")
+    p.add_argument("--parallel", action="store_true",
+                   help="train all seeds in one process (batched acting and updates), not one after the other")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.set_defaults(func=cmd_reproduce)

@@ -119,12 +119,18 @@ class NoisyLinear(nn.Module):
 
 
 class _ScaleGrad(torch.autograd.Function):
-    """Identity forward, gradient multiplied by ``scale`` backward."""
+    """Identity forward, gradient multiplied by ``scale`` backward. Written in the setup_context form so that
+    torch.func transforms (K runs' updates as one vmapped gradient, dqn_atari.agent_group) can apply it."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: float) -> Tensor:
-        ctx.scale = scale
+    def forward(x: Tensor, scale: float) -> Tensor:
         return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+        ctx.scale = inputs[1]
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:

@@ -17,6 +17,7 @@ import random
 import signal
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import torch
 
 from dqn_atari import checkpoint as ckpt
 from dqn_atari.agent import Agent, resolve_device
+from dqn_atari.agent_group import AgentGroup
 from dqn_atari.config import RUN_LOCAL_KEYS, Config, ConfigError, flatten_keys, frames_to_steps
 from dqn_atari.envs import env_display_name, is_control_task, make_env
 from dqn_atari.replay import HindsightReplayBuffer, PrioritizedReplayBuffer, ReplayBuffer
@@ -33,7 +35,7 @@ from dqn_atari.rundir import RunDir
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss became NaN or infinite; the last good checkpoint is kept (and other runs of the process go on)."""
 
 
 @dataclass
@@ -222,12 +224,30 @@ class Trainer:
             discount=cfg.agent.discount, seed=int(np.random.SeedSequence([cfg.seed, 0x4E9]).generate_state(1)[0]),
             device=self.device if cfg.replay.on_device else None, **replay_kwargs)
         self.agent = Agent(cfg, obs_shape, self.env.num_actions, self.device)
+        # torch's global RNG (network init above; noise resets and IQN's quantile fractions later) is this run's
+        # own stream, kept here so that K runs in one process each have theirs (see torch_random).
+        self.torch_rng = _torch_rng_state(self.device)
         self.counters = Counters(next_eval_step=cfg.eval.period_steps,
                                  next_checkpoint_step=cfg.train.checkpoint_period_steps)
         self.obs: np.ndarray | None = None
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self.last_stats: dict[str, torch.Tensor] = {}
+        self.recent: deque = deque(maxlen=20)
+        self.diverged = False  # set by the loop when this run's loss became NaN (it then leaves the others)
         self.writer = None
+
+    @contextmanager
+    def torch_random(self):
+        """A context in which torch's global RNG is this run's stream; entered only around the calls that draw
+        from it (noisy nets and IQN), so other variants never touch it."""
+        if not (self.cfg.network.noisy or self.cfg.network.head == "iqn"):
+            yield
+            return
+        _set_torch_rng_state(self.torch_rng, self.device)
+        try:
+            yield
+        finally:
+            self.torch_rng = _torch_rng_state(self.device)
 
     # -- checkpointing ----------------------------------------------------------------------------------
     @property
@@ -242,9 +262,7 @@ class Trainer:
         for idx, st in opt["state"].items():
             for key, value in st.items():
                 tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value)
-        tensors["rng.torch"] = torch.get_rng_state()
-        if self.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        tensors.update({f"rng.{k}": v for k, v in self.torch_rng.items()})
         state = {
             "config": self.cfg.run_identity(),
             "counters": asdict(self.counters),
@@ -276,9 +294,7 @@ class Trainer:
         a.optimizer.load_state_dict({"state": opt_state, "param_groups": state["optim_param_groups"]})
         a.updates = state["agent_updates"]
         a.rng.bit_generator.state = state["rng_agent"]
-        torch.set_rng_state(tensors["rng.torch"])
-        if "rng.cuda" in tensors and self.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        self.torch_rng = {k: tensors[f"rng.{k}"] for k in self.torch_rng}
         random.setstate(_to_tuple(state["rng_python"]))
         self.replay.load(gen / "replay")
         self.env.load_state_dict(_from_jsonable(state["env"]))
@@ -309,6 +325,7 @@ class Trainer:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(run.path / "tb"), purge_step=self.counters.agent_step or None)
+        self.recent = deque(self.counters.recent_scores, maxlen=20)
         return True
 
     def protocol_record(self) -> dict:
@@ -326,33 +343,85 @@ class Trainer:
             record["start"] = "sticky actions" if protocol.repeat_action_probability > 0 else "no-op starts"
         return record
 
-    def learn(self) -> None:
+    # -- the pieces of one agent step (the loop itself is train_together's) ------------------------------------
+    def record_step(self, actions: np.ndarray, epsilon: float, step: tuple, started: float) -> None:
+        """Store one agent step of this run's envs (``step`` is what env.step returned) and log finished episodes."""
+        next_obs, reward, terminated, _trunc, info = step
+        self.replay.add(self.obs[:, -1], actions, reward, terminated, info["episode_end"], info["final_obs"][:, -1])
+        self.obs = next_obs
+        c = self.counters
+        c.agent_step += self.env.num_envs
+        rows = []
+        for i in np.flatnonzero(info["episode_end"]):
+            c.episodes += 1
+            score = float(info["episode_return"][i])
+            self.recent.append(score)
+            rows.append({"agent_step": c.agent_step, "frames": c.agent_step * self.frame_skip,
+                         "episode": c.episodes, "score": score, "length": int(info["episode_length"][i]),
+                         "epsilon": round(epsilon, 6), "wall_time": round(time.perf_counter() - started, 1)})
+        if rows:
+            self.run.append_train(rows)
+            self.writer.add_scalar("train/episode_score", rows[-1]["score"], c.agent_step)
+
+    def updates_due(self) -> int:
+        """Updates owed by now: one per update_period_steps agent steps after replay start (for any num_envs)."""
         c, t = self.counters, self.cfg.train
-        due = max(0, c.agent_step // t.update_period_steps - t.replay_start_steps // t.update_period_steps)
         if c.agent_step < t.replay_start_steps:
-            due = 0
-        while c.updates < due:
-            if self.cfg.replay.prioritized:
-                beta = self.cfg.replay.beta0 + (1.0 - self.cfg.replay.beta0) * min(1.0, c.agent_step / self.total_steps)
-                batch = self.replay.sample(t.batch_size, beta)
-            else:
-                batch = self.replay.sample(t.batch_size)
-            stats, priority = self.agent.update(batch)
-            self.nonfinite |= ~torch.isfinite(stats["loss"])
-            self.last_stats = stats
-            if self.cfg.replay.prioritized:
-                self.check_finite()  # priorities need host values anyway, so this check costs nothing more
-                self.replay.update_priorities(batch.indices, priority.detach())
-            c.updates += 1
+            return 0
+        return max(0, c.agent_step // t.update_period_steps - t.replay_start_steps // t.update_period_steps)
+
+    def sample(self):
+        t = self.cfg.train
+        if self.cfg.replay.prioritized:
+            beta = self.cfg.replay.beta0 + (1.0 - self.cfg.replay.beta0) * min(1.0, self.counters.agent_step / self.total_steps)
+            return self.replay.sample(t.batch_size, beta)
+        return self.replay.sample(t.batch_size)
+
+    def updated(self, batch, stats: dict[str, torch.Tensor], priority: torch.Tensor) -> None:
+        """Bookkeeping after the agent's update on ``batch``."""
+        self.nonfinite |= ~torch.isfinite(stats["loss"])
+        self.last_stats = stats
+        if self.cfg.replay.prioritized:
+            self.check_finite()  # priorities need host values anyway, so this check costs nothing more
+            self.replay.update_priorities(batch.indices, priority.detach())
+        self.counters.updates += 1
+
+    def sync_target(self) -> None:
+        c = self.counters
         while c.target_syncs < c.agent_step // self.cfg.agent.target_update_steps:
             self.agent.sync_target()
             c.target_syncs += 1
+
+    def log(self, epsilon: float) -> None:
+        c = self.counters
+        if c.agent_step % self.cfg.train.log_period_steps < self.env.num_envs and self.last_stats:
+            self.check_finite()
+            for k, v in self.last_stats.items():
+                self.writer.add_scalar(f"train/{k}", float(v), c.agent_step)
+            self.writer.add_scalar("train/epsilon", epsilon, c.agent_step)
+
+    def checkpoint(self, interrupted: bool) -> bool:
+        """Checkpoint when one is due (or on an interrupt); True when one was written."""
+        c = self.counters
+        if not (c.agent_step >= c.next_checkpoint_step or interrupted):
+            return False
+        if c.agent_step >= c.next_checkpoint_step:
+            c.next_checkpoint_step += self.cfg.train.checkpoint_period_steps
+        c.recent_scores = list(self.recent)
+        self.check_finite()
+        self.save()
+        return True
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.env.close()
 
     def check_finite(self) -> None:
         if bool(self.nonfinite):
             s = {k: float(v) for k, v in self.last_stats.items()}
             raise TrainingDiverged(
-                f"The loss became NaN or infinite by agent step {self.counters.agent_step:,} (update "
+                f"{self.run.path}: The loss became NaN or infinite by agent step {self.counters.agent_step:,} (update "
                 f"{self.counters.updates:,}): last loss {s.get('loss')}, Q range [{s.get('q_min')}, {s.get('q_max')}]. "
                 f"Training stopped without checkpointing; the last good checkpoint "
                 f"({getattr(self, 'last_checkpoint', None) or f'none yet in {self.ckpt_root}'}) is kept. The same "
@@ -377,74 +446,9 @@ class Trainer:
 
     def train(self, interrupt_at_step: int | None = None) -> RunDir:
         """Train to the budget (or until a signal / ``interrupt_at_step``), checkpointing on the way."""
-        if not self.setup():
-            return self.run
-        c, cfg = self.counters, self.cfg
-        n = self.env.num_envs
-        recent = deque(c.recent_scores, maxlen=20)
-        bar = _progress_bar(self, enabled=self.progress)
-        started = time.perf_counter() - c.wall_time
-        with _StopFlag() as stop:
-            try:
-                while c.agent_step < self.total_steps:
-                    epsilon = epsilon_at(c.agent_step, cfg)
-                    actions = self.agent.act(self.obs, epsilon)
-                    next_obs, reward, terminated, _trunc, info = self.env.step(actions)
-                    self.replay.add(self.obs[:, -1], actions, reward, terminated, info["episode_end"],
-                                    info["final_obs"][:, -1])
-                    self.obs = next_obs
-                    c.agent_step += n
-                    rows = []
-                    for i in np.flatnonzero(info["episode_end"]):
-                        c.episodes += 1
-                        score = float(info["episode_return"][i])
-                        recent.append(score)
-                        rows.append({"agent_step": c.agent_step, "frames": c.agent_step * self.frame_skip,
-                                     "episode": c.episodes, "score": score, "length": int(info["episode_length"][i]),
-                                     "epsilon": round(epsilon, 6), "wall_time": round(time.perf_counter() - started, 1)})
-                    if rows:
-                        self.run.append_train(rows)
-                        self.writer.add_scalar("train/episode_score", rows[-1]["score"], c.agent_step)
-                    self.learn()
-                    c.wall_time = time.perf_counter() - started
-                    if c.agent_step % cfg.train.log_period_steps < n and self.last_stats:
-                        self.check_finite()
-                        for k, v in self.last_stats.items():
-                            self.writer.add_scalar(f"train/{k}", float(v), c.agent_step)
-                        self.writer.add_scalar("train/epsilon", epsilon, c.agent_step)
-                    if bar is not None:
-                        bar.update(n * self.frame_skip)
-                        if rows:
-                            bar.set_postfix(score=f"{np.mean(recent):.1f}", eps=f"{epsilon:.3f}", refresh=False)
-                    if c.agent_step >= c.next_eval_step:
-                        c.next_eval_step += cfg.eval.period_steps
-                        scores = self.run_evaluation()
-                        if bar is not None:
-                            bar.write(f"eval @ {c.agent_step * self.frame_skip:,} frames: mean {np.mean(scores) if scores else float('nan'):.1f} over {len(scores)} episodes")
-                    interrupted = stop.requested or (interrupt_at_step is not None and c.agent_step >= interrupt_at_step)
-                    saved = False
-                    if c.agent_step >= c.next_checkpoint_step or interrupted:
-                        if c.agent_step >= c.next_checkpoint_step:
-                            c.next_checkpoint_step += cfg.train.checkpoint_period_steps
-                        c.recent_scores = list(recent)
-                        self.check_finite()
-                        self.save()
-                        saved = True
-                    # A signal that arrived during a periodic save: that checkpoint is of this very step.
-                    if interrupted or (saved and stop.requested):
-                        print(f"Stopped at agent step {c.agent_step:,}; re-run the same command to resume.")
-                        return self.run
-                self.check_finite()
-                self.finish(recent)
-            finally:
-                if bar is not None:
-                    bar.close()
-                if self.writer is not None:
-                    self.writer.close()
-                self.env.close()
-        return self.run
+        return train_together([self], interrupt_at_step)[0]
 
-    def finish(self, recent) -> None:
+    def finish(self) -> None:
         """Final evaluation, final weights, DONE marker; then the checkpoints (the replay) are removed."""
         from safetensors.torch import save_file
         import shutil
@@ -467,15 +471,181 @@ class Trainer:
         print(f"Done: {self.run.path} (final evaluation mean {summary['final_eval_mean']:.1f}).")
 
 
-def _progress_bar(trainer: Trainer, enabled: bool):
-    if not enabled:
+def train_together(trainers: list[Trainer], interrupt_at_step: int | None = None) -> list[RunDir]:
+    """Train one run, or K runs of one config (different seeds or games) in one process, to the budget (or
+    until a signal / ``interrupt_at_step``). Each run writes its own run directory exactly as alone.
+
+    Resuming K runs whose checkpoints are at different steps (a kill between their saves): the ones behind
+    first train alone up to the others, then all go on together.
+    """
+    with _StopFlag() as stop:
+        try:
+            _check_together(trainers)
+            runs = [t for t in trainers if t.setup()]
+            lead = max((t.counters.agent_step for t in runs), default=0)
+            for t in runs:
+                if t.counters.agent_step < lead:
+                    print(f"{t.run.path} resumed at agent step {t.counters.agent_step:,}, behind the other runs "
+                          f"({lead:,}): training it alone up to there first.")
+                    _Lockstep([t], stop).run(lead)
+                    if stop.requested:
+                        return [t.run for t in trainers]
+            if runs:
+                _Lockstep(runs, stop).run(interrupt_at_step)
+        finally:
+            for t in trainers:
+                t.close()
+    return [t.run for t in trainers]
+
+
+class _Lockstep:
+    """The training loop: K >= 1 runs advanced together, one agent step at a time, with one batched network
+    evaluation for acting and one batched update per training step (dqn_atari.agent_group). A run whose loss
+    becomes NaN leaves the group (its last good checkpoint is kept) and the others go on; its error is raised
+    when they stop."""
+
+    def __init__(self, runs: list[Trainer], stop: _StopFlag):
+        self.runs, self.stop = list(runs), stop
+        self.diverged: list[TrainingDiverged] = []
+        self.group = AgentGroup([t.agent for t in self.runs], [t.torch_random for t in self.runs])
+
+    def run(self, interrupt_at_step: int | None) -> bool:
+        """Train to the budget and finish the runs (final evaluation, weights, DONE): True. Stopped by a signal or
+        at ``interrupt_at_step`` (checkpointed): False. Then raise TrainingDiverged if a run diverged."""
+        bar = _progress_bar(self.runs)
+        try:
+            finished = self.steps(bar, interrupt_at_step)
+        finally:
+            if bar is not None:
+                bar.close()
+        if finished:
+            for t in self.runs:
+                t.finish()
+        self.raise_diverged()
+        return finished
+
+    def steps(self, bar, interrupt_at_step: int | None) -> bool:
+        started = time.perf_counter() - self.runs[0].counters.wall_time
+        while self.runs and self.runs[0].counters.agent_step < self.runs[0].total_steps:
+            epsilons = [epsilon_at(t.counters.agent_step, t.cfg) for t in self.runs]
+            actions = self.group.act([t.obs for t in self.runs], epsilons)
+            for t, a in zip(self.runs, actions):  # Atari envs step in their C++ threads, all runs at once
+                t.env.step_async(a)
+            for t, a, epsilon in zip(self.runs, actions, epsilons):
+                t.record_step(a, epsilon, t.env.step_wait(), started)
+            self.learn()
+            for t, epsilon in zip(self.runs, epsilons):
+                t.counters.wall_time = time.perf_counter() - started
+                self.guard(t, t.log, epsilon)
+            self.leave_diverged()
+            if not self.runs:
+                break
+            step = self.runs[0].counters.agent_step
+            if bar is not None:
+                bar.update(self.runs[0].env.num_envs * self.runs[0].frame_skip)
+                bar.set_postfix(score=f"{np.mean([s for t in self.runs for s in t.recent] or [np.nan]):.1f}",
+                                eps=f"{epsilons[0]:.3f}", refresh=False)
+            for t in self.runs:
+                c = t.counters
+                if c.agent_step >= c.next_eval_step:
+                    c.next_eval_step += t.cfg.eval.period_steps
+                    scores = t.run_evaluation()
+                    if bar is not None:
+                        bar.write(f"eval seed{t.cfg.seed} {t.game} @ {c.agent_step * t.frame_skip:,} frames: mean "
+                                  f"{np.mean(scores) if scores else float('nan'):.1f} over {len(scores)} episodes")
+            interrupted = self.stop.requested or (interrupt_at_step is not None and step >= interrupt_at_step)
+            saved = [self.guard(t, t.checkpoint, interrupted) for t in self.runs]
+            self.leave_diverged()
+            # A signal that arrived during a periodic save: that checkpoint is of this very step.
+            if interrupted or (any(saved) and self.stop.requested):
+                print(f"Stopped at agent step {step:,}; re-run the same command to resume.")
+                return False
+        for t in self.runs:
+            self.guard(t, t.check_finite)
+        self.leave_diverged()
+        return True
+
+    def learn(self) -> None:
+        """The updates owed by now (the same for every run: they share their schedules), then target syncs."""
+        while self.runs and self.runs[0].counters.updates < self.runs[0].updates_due():
+            batches = [t.sample() for t in self.runs]
+            for t, batch, (stats, priority) in zip(self.runs, batches, self.group.update(batches)):
+                self.guard(t, t.updated, batch, stats, priority)
+            self.leave_diverged()
+        for t in self.runs:
+            t.sync_target()
+
+    def guard(self, t: Trainer, fn, *args):
+        """Call ``fn``; when it finds run ``t`` diverged, note it (leave_diverged takes the run out)."""
+        try:
+            return fn(*args)
+        except TrainingDiverged as exc:
+            self.diverged.append(exc)
+            t.diverged = True
+            return None
+
+    def leave_diverged(self) -> None:
+        if any(t.diverged for t in self.runs):
+            self.runs = [t for t in self.runs if not t.diverged]
+            if self.runs:
+                self.group = AgentGroup([t.agent for t in self.runs], [t.torch_random for t in self.runs])
+
+    def raise_diverged(self) -> None:
+        if len(self.diverged) == 1 and not self.runs:
+            raise self.diverged[0]
+        if self.diverged:
+            others = ", ".join(str(t.run.path) for t in self.runs)
+            raise TrainingDiverged(f"{len(self.diverged)} of the runs trained together diverged; the others ({others}) "
+                                   f"went on until they stopped. " + " ".join(str(e) for e in self.diverged))
+
+
+def _check_together(trainers: list[Trainer]) -> None:
+    """K runs in one process share every setting but the seed and the game (one schedule, one network shape)."""
+    first = flatten_keys(trainers[0].cfg.run_identity())
+    paths = set()
+    for t in trainers:
+        other = flatten_keys(t.cfg.run_identity())
+        diffs = [k for k in sorted(set(first) | set(other)) if k not in ("seed", "env.game")
+                 and _norm(first.get(k)) != _norm(other.get(k))]
+        if diffs or t.cfg.device != trainers[0].cfg.device:
+            raise ConfigError(f"Runs trained in one process must share every setting but seed and env.game; "
+                              f"{t.run.path} differs in {', '.join(diffs) or 'device'}. Train them separately.")
+        if t.run.path in paths:
+            raise ConfigError(f"{t.run.path} is named twice among the runs to train together; give each run its "
+                              f"own seed or game.")
+        paths.add(t.run.path)
+    if len({(tuple(t.env.obs_shape), t.env.num_actions) for t in trainers}) > 1:
+        shapes = ", ".join(f"{t.game}: {t.env.num_actions} actions" for t in trainers)
+        raise ConfigError(f"Runs trained in one process share one network shape, but the games differ ({shapes}). "
+                          f"Group games with the same number of actions (or use protocol machado2018's full "
+                          f"18-action set), or train them separately.")
+
+
+def _progress_bar(runs: list[Trainer]):
+    first = runs[0]
+    if not first.progress:
         return None
     from tqdm.auto import tqdm
 
-    total = trainer.total_steps * trainer.frame_skip
-    done = trainer.counters.agent_step * trainer.frame_skip
+    total = first.total_steps * first.frame_skip
+    done = first.counters.agent_step * first.frame_skip
+    names = sorted({f"{t.game}" for t in runs})
+    seeds = ",".join(str(t.cfg.seed) for t in runs)
     return tqdm(total=total, initial=done, unit="frame", unit_scale=True, dynamic_ncols=True,
-                desc=f"{trainer.cfg.variant} {trainer.game} seed{trainer.cfg.seed}", smoothing=0.05)
+                desc=f"{first.cfg.variant} {'+'.join(names)} seed{'s' if len(runs) > 1 else ''}{seeds}", smoothing=0.05)
+
+
+def _torch_rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_torch_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _identity(config_dict: dict) -> dict:
@@ -501,3 +671,8 @@ def _to_tuple(v: Any) -> Any:
 
 def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = None) -> RunDir:
     return Trainer(cfg, progress=progress).train(interrupt_at_step=interrupt_at_step)
+
+
+def train_runs(cfgs: list[Config], progress: bool = True, interrupt_at_step: int | None = None) -> list[RunDir]:
+    """K runs (configs differing only in seed or game) trained in one process; see train_together."""
+    return train_together([Trainer(cfg, progress=progress) for cfg in cfgs], interrupt_at_step)

@@ -170,13 +170,17 @@ def test_there_is_one_training_loop():
     """Variants are switches, not copies of the loop (DESIGN.md): environments are stepped only by the loop and
     by the evaluation paths, and only the loop stores transitions and calls the update."""
     assert _call_sites("step", "env") == {
-        ("train.py", "Trainer.train"),       # the training loop
         ("train.py", "evaluate"),            # periodic / final evaluation
         ("evaluate.py", "record_video"),     # watching a trained agent
     }
-    assert _call_sites("add", "replay") == {("train.py", "Trainer.train")}
-    assert _call_sites("update", "agent") == {("train.py", "Trainer.learn")}
-    assert _call_sites("learn", "self") == {("train.py", "Trainer.train")}
+    # The training loop (one run, or K runs of one process in lockstep) starts every run's env step, then waits.
+    assert _call_sites("step_async", "env") == {("train.py", "_Lockstep.steps")}
+    assert _call_sites("step_wait", "env") == {("train.py", "_Lockstep.steps")}
+    assert _call_sites("add", "replay") == {("train.py", "Trainer.record_step")}
+    # One agent's update (a single run; IQN runs), or K runs' as one vmapped update inside the group.
+    assert _call_sites("update", "agent") == {("agent_group.py", "AgentGroup.update")}
+    assert _call_sites("update", "group") == {("train.py", "_Lockstep.learn")}
+    assert _call_sites("learn", "self") == {("train.py", "_Lockstep.steps")}
 
 
 def test_the_learning_code_never_branches_on_the_variant_name():

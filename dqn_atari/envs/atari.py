@@ -316,11 +316,16 @@ class AtariEnv(VectorEnv):
         return obs, info["lives"]
 
     def _step_envs(self, actions: np.ndarray) -> tuple[np.ndarray, ...]:
+        self._send(actions)
+        return self._receive()
+
+    def _send(self, actions: np.ndarray) -> None:
         # Straight to the C++ interface: AtariVectorEnv.step only re-checks the actions (done in
         # _check_actions) and allocates paddle strengths, ~40 us per step.
-        ale = self._require_open().ale
-        ale.send(actions, self._paddle_strength)
-        obs, reward, game_over, _, info = ale.recv()
+        self._require_open().ale.send(actions, self._paddle_strength)
+
+    def _receive(self) -> tuple[np.ndarray, ...]:
+        obs, reward, game_over, _, info = self._require_open().ale.recv()
         frames = info["episode_frame_number"] - self._frames_at_start
         cap = frames >= self.protocol.max_episode_frames
         return obs, reward, game_over, cap, info["lives"], frames
@@ -334,12 +339,19 @@ class AtariEnv(VectorEnv):
         return self._reset_envs(mask, seeded)
 
     def _backend_step(self, actions: np.ndarray) -> tuple[np.ndarray, ...]:
+        self._backend_step_async(actions)
+        return self._receive()
+
+    def _backend_step_async(self, actions: np.ndarray) -> None:
         length = self._segment_length
         if length.max() >= self._actions.shape[1]:
             self._actions = np.concatenate([self._actions, np.zeros_like(self._actions)], axis=1)
         self._actions[np.arange(self.num_envs), length] = actions
         self._segment_length += 1
-        return self._step_envs(actions)
+        self._send(actions)
+
+    def _backend_step_wait(self) -> tuple[np.ndarray, ...]:
+        return self._receive()
 
     def _backend_state(self) -> dict[str, Any]:
         assert self._obs is not None

@@ -99,6 +99,7 @@ class VectorEnv(ABC):
         self._episode_length = np.zeros(n, np.int64)
         self._lives = np.zeros(n, np.int64)
         self._obs: np.ndarray | None = None  # last observation handed out (checked by load_state_dict)
+        self._pending: np.ndarray | None = None  # actions of a step_async not yet waited for
 
     # ----- backend interface -------------------------------------------------------------------------
     @abstractmethod
@@ -157,10 +158,28 @@ class VectorEnv(ABC):
         self, actions: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """Advance every env by one agent step; see the module docstring for what comes back."""
+        self.step_async(actions)
+        return self.step_wait()
+
+    def step_async(self, actions: np.ndarray) -> None:
+        """Start a step; :meth:`step_wait` returns what ``step(actions)`` would. Atari envs step in their C++
+        threads meanwhile, so several envs (the runs of one process) step in parallel: send to all, then wait."""
         if not self._started:
             raise RuntimeError(f"{type(self).__name__}.step() called before reset(); call reset() first.")
-        actions = self._check_actions(actions)
-        obs, raw_reward, game_over, cap, lives, episode_frames = self._backend_step(actions)
+        self._pending = self._check_actions(actions)
+        self._backend_step_async(self._pending)
+
+    def _backend_step_async(self, actions: np.ndarray) -> None:
+        """Backends that cannot step in the background step in :meth:`_backend_step_wait`."""
+
+    def _backend_step_wait(self) -> tuple[np.ndarray, ...]:
+        return self._backend_step(self._pending)
+
+    def step_wait(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        if self._pending is None:
+            raise RuntimeError(f"{type(self).__name__}.step_wait() without step_async(actions) first.")
+        obs, raw_reward, game_over, cap, lives, episode_frames = self._backend_step_wait()
+        self._pending = None
         raw_reward = raw_reward.astype(np.float32, copy=False)
         game_over = game_over.astype(bool, copy=False)
         truncated = cap & ~game_over
