@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import resource
 import sys
 import time
 from pathlib import Path
@@ -102,14 +103,19 @@ def timed(fn, iters: int, warmup: int = 50) -> dict[str, float]:
 
 def timed_against(fn, baseline, iters: int, block: int = 10) -> dict[str, float]:
     """`timed(fn)` plus the baseline's median, the two timed in alternating blocks of `block` calls so that both
-    see the same load on a shared machine; `over_memcpy` is the ratio of the two medians."""
-    fn_times, base_times = [], []
+    see the same load on a shared machine; `over_memcpy` is the ratio of the two medians. `page_faults` per
+    call of fn tells whether its figure includes the kernel zeroing fresh pages for its outputs (malloc hands
+    out large blocks as new pages when its heap was trimmed; it depends on what else the process allocates)."""
+    fn_times, base_times, faults = [], [], 0
     for _ in range(max(1, iters // block)):
         base_times.append(call_times(baseline, block, warmup=1))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         fn_times.append(call_times(fn, block, warmup=1))
+        faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     result = summary(np.concatenate(fn_times))
     result["memcpy_us"] = float(np.median(np.concatenate(base_times)) * 1e6)
     result["over_memcpy"] = result["median_us"] / result["memcpy_us"]
+    result["page_faults"] = faults / (len(fn_times) * (block + 1))
     return result
 
 
@@ -148,6 +154,7 @@ def bench_uniform(args, out_bytes: int, memcpy) -> dict[str, object]:
         "sample_p90_us": sample["p90_us"],
         "sample_memcpy_us": sample["memcpy_us"],
         "sample_over_memcpy": sample["over_memcpy"],
+        "sample_page_faults": sample["page_faults"],
         "frame_gather_us": gather["median_us"],
         "frame_gather_over_memcpy": gather["over_memcpy"],
     }
@@ -199,6 +206,7 @@ def bench_prioritized(args, memcpy) -> dict[str, object]:
         "sample_update_p90_us": both["p90_us"],
         "sample_update_memcpy_us": both["memcpy_us"],
         "sample_update_over_memcpy": both["over_memcpy"],
+        "sample_update_page_faults": both["page_faults"],
         "sample_only_us": sample_only["median_us"],
         "sample_only_over_memcpy": sample_only["over_memcpy"],
         "tree_depth": buf.tree.depth,
@@ -249,6 +257,7 @@ def bench_stacked(args, memcpy) -> dict[str, object]:
         "rss_bytes_per_transition": rss / capacity,
         "sample_us": timing["median_us"],
         "sample_over_memcpy": timing["over_memcpy"],
+        "sample_page_faults": timing["page_faults"],
         "bytes_for_1M_transitions": per_transition * 1_000_000,
     }
     del obs, next_obs, noise
@@ -273,19 +282,20 @@ def main() -> None:
           f"blocks, alternating with it)")
     stacked = bench_stacked(args, memcpy_fn)
     print(f"stacked layout @ {stacked['capacity']:,}: {stacked['rss_bytes_per_transition']:,.0f} B/transition, "
-          f"sample {stacked['sample_us']:.0f} us = {stacked['sample_over_memcpy']:.2f} x memcpy")
+          f"sample {stacked['sample_us']:.0f} us = {stacked['sample_over_memcpy']:.2f} x memcpy "
+          f"({stacked['sample_page_faults']:.0f} page faults per sample)")
     uniform = bench_uniform(args, out_bytes, memcpy_fn)
     print(
         f"uniform @ {args.capacity:,}: {uniform['rss_bytes'] / 1e9:.3f} GB resident = {uniform['rss_bytes_per_slot']:,.0f} B/slot, "
         f"add {uniform['add_us']:.0f} us, sample {uniform['sample_us']:.0f} us = {uniform['sample_over_memcpy']:.2f} x memcpy "
-        f"({uniform['sample_memcpy_us']:.0f} us); frame copy alone {uniform['frame_gather_us']:.0f} us = "
+        f"({uniform['sample_memcpy_us']:.0f} us; {uniform['sample_page_faults']:.0f} page faults per sample); frame copy alone {uniform['frame_gather_us']:.0f} us = "
         f"{uniform['frame_gather_over_memcpy']:.2f} x memcpy"
     )
     prioritized = bench_prioritized(args, memcpy_fn)
     print(
         f"prioritized @ {args.capacity:,}: {prioritized['rss_bytes_per_slot']:,.0f} B/slot, add {prioritized['add_us']:.0f} us, "
         f"sample+update {prioritized['sample_update_us']:.0f} us = {prioritized['sample_update_over_memcpy']:.2f} x memcpy "
-        f"({prioritized['sample_update_memcpy_us']:.0f} us); sample alone {prioritized['sample_only_us']:.0f} us = "
+        f"({prioritized['sample_update_memcpy_us']:.0f} us; {prioritized['sample_update_page_faults']:.0f} page faults); sample alone {prioritized['sample_only_us']:.0f} us = "
         f"{prioritized['sample_only_over_memcpy']:.2f} x memcpy"
     )
     gb_at_1m = uniform["rss_bytes_per_slot"] * 1_000_000 / 1e9

@@ -134,9 +134,7 @@ class SumTree:
         return prefix
 
     def _find(self, mass: np.ndarray, prefix: np.ndarray) -> np.ndarray:
-        v = np.minimum(mass, np.nextafter(prefix[-1], 0.0))
-        node = np.searchsorted(prefix, v, side="right") - 1  # prefix[node] <= v < prefix[node + 1]: a non-zero node
-        leaves = self._descend(node, v - prefix[node], self._prefix_matmul)
+        leaves = self._search(mass, prefix, self._prefix_matmul)
         bad = self.levels[0][leaves] <= 0
         if bad.any():  # only if the BLAS prefix sums rounded non-monotonically; never seen, but be exact
             leaves[bad] = self.find_exact(mass[bad])
@@ -144,11 +142,13 @@ class SumTree:
 
     def find_exact(self, mass: np.ndarray) -> np.ndarray:
         """`find` with sequential sums (np.cumsum) at every level: slower; the fallback of `find`."""
-        mass = np.asarray(mass, dtype=np.float64).reshape(-1)
-        prefix = self._top_prefix()
+        return self._search(np.asarray(mass, dtype=np.float64).reshape(-1), self._top_prefix(), self._prefix_cumsum)
+
+    def _search(self, mass: np.ndarray, prefix: np.ndarray, prefix_sums) -> np.ndarray:
+        """The top level for the whole batch (`prefix` from `_top_prefix`), then the levels below per draw."""
         v = np.minimum(mass, np.nextafter(prefix[-1], 0.0))
-        node = np.searchsorted(prefix, v, side="right") - 1
-        return self._descend(node, v - prefix[node], self._prefix_cumsum)
+        node = np.searchsorted(prefix, v, side="right") - 1  # prefix[node] <= v < prefix[node + 1]: a non-zero node
+        return self._descend(node, v - prefix[node], prefix_sums)
 
     def _prefix_matmul(self, children: np.ndarray) -> np.ndarray:
         # (B, K) @ (K, K+1) strictly-upper ones: column j = sum of children before j. One BLAS call is
