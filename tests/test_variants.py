@@ -219,7 +219,10 @@ def train_until_solved(cfg) -> tuple[int | None, list[float]]:
     stop = 0
     while True:
         stop += cfg.eval.period_steps
-        run = Trainer(cfg, progress=False).train(interrupt_at_step=stop)
+        trainer = Trainer(cfg, progress=False)
+        run = trainer.train(interrupt_at_step=stop)
+        if not run.is_done and trainer.counters.agent_step < stop:
+            raise KeyboardInterrupt("the run stopped on a signal")  # the trainer caught Ctrl-C / SIGTERM
         ev = run.eval
         assert (ev["num_episodes"] == cfg.eval.episodes).all(), "an evaluation lost episodes to its step budget"
         solved = ev.loc[ev["mean_score"] >= SOLVED, "agent_step"]
