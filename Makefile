@@ -81,7 +81,7 @@ bench-train: install
 bench: bench-env bench-replay bench-train
 
 # Hindsight experience replay's bit-flipping experiment (Andrychowicz et al. 2017, Fig. 1): DQN with and without
-# HER for each number of bits and seed, then results/reports/her/bitflip.{png,md,csv}. About 15 minutes on 2 cores.
+# HER for each number of bits and seed, then results/reports/her/bitflip.{png,md,csv}. About 17 minutes on 2 idle cores.
 her: install
 	$(PY) -m dqn_atari.her --bits "$(BITS)" --seeds "$(SEEDS)" --episodes "$(EPISODES)" -- $(ARGS)
 

@@ -133,7 +133,8 @@ def plot_success(table: pd.DataFrame, path: Path) -> Path:
     ax.set(xlabel="number of bits n", ylabel="success rate", ylim=(-0.03, 1.03),
            title=f"Bit flipping, {episodes} episodes per run (Andrychowicz et al. 2017, Fig. 1 layout)")
     ax.title.set_fontsize(9)
-    ax.legend(loc="lower left")
+    ax.set_xticks(sorted(table["bits"].unique()))
+    ax.legend(loc="center right")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path
