@@ -374,6 +374,18 @@ def config_from_dict(data: dict, where: str = "the config") -> Config:
     return _build(Config, data, where)
 
 
+def recorded_identity(recorded: dict) -> dict:
+    """The run identity of a config recorded by a run, possibly by an older version of this code.
+
+    Fields added since then take their defaults: a new field must default to the behaviour the code had
+    before it existed, so an old run resumes as the same run. A recorded config that no longer parses
+    (a field was removed or renamed) is compared as written, which reports the difference."""
+    try:
+        return config_from_dict(recorded).run_identity()
+    except ConfigError:
+        return {k: v for k, v in recorded.items() if k not in RUN_LOCAL_KEYS}
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Split ``key=value``; the value is parsed as YAML (so lists and booleans work) and checked later."""
     if "=" not in text:

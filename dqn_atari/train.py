@@ -28,7 +28,7 @@ import torch
 from dqn_atari import checkpoint as ckpt
 from dqn_atari.agent import Agent, resolve_device
 from dqn_atari.agent_group import AgentGroup
-from dqn_atari.config import RUN_LOCAL_KEYS, Config, ConfigError, flatten_keys, frames_to_steps
+from dqn_atari.config import Config, ConfigError, flatten_keys, frames_to_steps, recorded_identity
 from dqn_atari.envs import env_display_name, is_control_task, make_env
 from dqn_atari.replay import HindsightReplayBuffer, PrioritizedReplayBuffer, ReplayBuffer
 from dqn_atari.rundir import RunDir
@@ -282,8 +282,9 @@ class Trainer:
 
     def _restore(self, tensors: dict[str, torch.Tensor], state: dict, gen: Path) -> None:
         a = self.agent
-        if state.get("config") != self.cfg.run_identity() and not self.cfg.force:
-            raise ConfigError(_config_mismatch(state.get("config", {}), self.cfg.run_identity(), gen))
+        recorded = recorded_identity(state.get("config", {}))
+        if recorded != self.cfg.run_identity() and not self.cfg.force:
+            raise ConfigError(_config_mismatch(recorded, self.cfg.run_identity(), gen))
         a.online.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("online.")})
         a.target.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("target.")})
         opt_state: dict[int, dict] = {}
@@ -309,10 +310,9 @@ class Trainer:
             print(f"{run.path} is DONE; nothing to do (delete its DONE file to train again).")
             return False
         if run.exists and (run.path / "config.yaml").exists():
-            recorded = run.config
-            ours = self.cfg.to_dict()
-            if _identity(recorded) != _identity(ours) and not self.cfg.force:
-                raise ConfigError(_config_mismatch(_identity(recorded), _identity(ours), run.path / "config.yaml"))
+            recorded, ours = recorded_identity(run.config), self.cfg.run_identity()
+            if recorded != ours and not self.cfg.force:
+                raise ConfigError(_config_mismatch(recorded, ours, run.path / "config.yaml"))
         gen = self.last_checkpoint = ckpt.load_checkpoint(self.ckpt_root, self._restore)
         if gen is None:
             self.obs, _ = self.env.reset(seed=self.cfg.seed)
@@ -646,10 +646,6 @@ def _set_torch_rng_state(state: dict[str, torch.Tensor], device: torch.device) -
     torch.set_rng_state(state["torch"])
     if "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _identity(config_dict: dict) -> dict:
-    return {k: v for k, v in config_dict.items() if k not in RUN_LOCAL_KEYS}
 
 
 def _config_mismatch(recorded: dict, ours: dict, where: Path) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.numpy import load_file
 
 from dqn_atari import checkpoint as ckpt
@@ -352,6 +353,24 @@ def test_resuming_with_a_different_config_is_refused_unless_forced(run_copy, cap
     assert snapshot(run_copy) == before
     assert main(cartpole_argv(run_copy, "train.epsilon_end=0.2", "force=true")) == 0
     assert (run_path(run_copy) / "DONE").exists()
+
+
+def test_a_run_recorded_before_a_config_field_existed_resumes(run_copy):
+    """A field added to the config later (here: the HER switches) takes its default, which keeps the old
+    behaviour; the run resumes as the same run instead of being refused as a different config."""
+    run = run_path(run_copy)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    del config["replay"]["her_strategy"], config["replay"]["her_k"]
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    for gen in ckpt.generations(run / "checkpoints"):
+        state = json.loads((gen / ckpt.STATE).read_text())
+        del state["config"]["replay"]["her_strategy"], state["config"]["replay"]["her_k"]
+        (gen / ckpt.STATE).write_text(json.dumps(state))
+        manifest = json.loads((gen / ckpt.MANIFEST).read_text())
+        manifest["files"][ckpt.STATE] = hashlib.sha256((gen / ckpt.STATE).read_bytes()).hexdigest()
+        (gen / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    assert main(cartpole_argv(run_copy)) == 0
+    assert (run / "DONE").exists()
 
 
 def test_a_corrupt_only_checkpoint_is_reported_and_nothing_is_touched(run_copy, capsys):
