@@ -1,7 +1,10 @@
-"""Training speed on real Atari with learning on: agent steps/s of one faithful run, against the env alone
-(its upper bound) and against a plain single-file style DQN loop at the same settings, measured in this run.
+"""Training speed on real Atari with learning on: agent steps/s of (a) one faithful run, (b) the env alone
+(its upper bound), (c) K faithful runs in one process (aggregate agent steps/s of all K; its upper bound is K
+envs alone, stepped together), and a plain single-file style DQN loop at the same settings, all measured in
+this run.
 
-    python scripts/bench_train.py [--game Breakout] [--steps 800] [--capacity 100000] [--device auto]
+    python scripts/bench_train.py [--game Breakout] [--steps 800] [--capacity 100000] [--device auto] [--k 4]
+        [--warm 1000]
 
 The plain loop is written here the way the well-known single-file implementations are (gymnasium's Python
 wrappers, a replay of full obs and next-obs stacks, one batch-1 forward per step, the update in the same
@@ -9,7 +12,8 @@ thread); it is our own code, not a copy. Both loops use the Nature settings: a b
 steps, epsilon-greedy acting, a target network, the replay capacity given. Ends with one JSON line, also
 written to results/benchmarks/bench_train.json.
 
-Not measured yet: K independent runs in one process (issue "Speed"); the JSON says so.
+(c) trains seeds 1..K of the same config together (dqn_atari.agent_group): one batched network evaluation
+for acting and one batched update per training step, each run still one batch of 32 every 4 of its steps.
 """
 
 from __future__ import annotations
@@ -27,58 +31,67 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dqn_atari.agent import resolve_device  # noqa: E402
+from dqn_atari.agent_group import AgentGroup  # noqa: E402
 from dqn_atari.cli import build_config  # noqa: E402
 from dqn_atari.envs import display_name, make_env, resolve_game  # noqa: E402
-from dqn_atari.train import Trainer  # noqa: E402
+from dqn_atari.train import Trainer, train_together  # noqa: E402
 from benchlib import finish, machine_info  # noqa: E402
 
 
-def env_alone(game: str, steps: int) -> float:
-    env = make_env(game, num_envs=1, seed=0)
-    env.reset(seed=0)
+def env_alone(game: str, steps: int, k: int = 1) -> float:
+    """Agent steps/s (all envs together) of k one-env Atari envs with random actions, stepped as the training
+    loop steps its runs' envs: start every env's step, then wait for each."""
+    envs = [make_env(game, num_envs=1, seed=seed) for seed in range(k)]
+    for env in envs:
+        env.reset(seed=0)
     rng = np.random.default_rng(0)
-    actions = rng.integers(0, env.num_actions, size=(steps, 1))
+    actions = rng.integers(0, envs[0].num_actions, size=(steps, k, 1))
     t0 = time.perf_counter()
     for a in actions:
-        env.step(a)
-    rate = steps / (time.perf_counter() - t0)
-    env.close()
+        for env, a_env in zip(envs, a):
+            env.step_async(a_env)
+        for env in envs:
+            env.step_wait()
+    rate = k * steps / (time.perf_counter() - t0)
+    for env in envs:
+        env.close()
     return rate
 
 
-def ours(game: str, steps: int, capacity: int, device: str, tmp: Path) -> dict:
-    warm = 1000
-    cfg = build_config(ROOT / "configs" / "nature_dqn.yaml", [
-        f"env.game={game}", f"runs_root={tmp}", f"device={device}", f"replay.capacity={capacity}",
-        f"train.replay_start_steps={warm}", f"train.frames={4 * (2 * warm + steps)}",
+def ours(game: str, steps: int, capacity: int, device: str, tmp: Path, k: int = 1, warm: int = 1000) -> dict:
+    """Agent steps/s of seeds 1..k trained together (k = 1: one run), all runs counted, learning on."""
+    cfgs = [build_config(ROOT / "configs" / "nature_dqn.yaml", [
+        f"env.game={game}", f"runs_root={tmp / f'k{k}'}", f"device={device}", f"replay.capacity={capacity}",
+        f"train.replay_start_steps={warm}", f"train.frames={4 * (2 * warm + steps)}", f"seed={seed}",
         "eval.period_steps=100000000", "train.checkpoint_period_steps=100000000",
         "train.epsilon_start=0.1"])  # acting uses the network, as in the plain loop
-    trainer = Trainer(cfg, progress=False)
-    trainer.train(interrupt_at_step=2 * warm)  # random play, then learning on for `warm` steps
-    trainer = Trainer(cfg, progress=False)
+        for seed in range(1, k + 1)]
+    # Random play, then learning on for `warm` steps; then the timed part, resumed from that checkpoint.
+    train_together([Trainer(cfg, progress=False) for cfg in cfgs], interrupt_at_step=2 * warm)
+    trainers = [Trainer(cfg, progress=False) for cfg in cfgs]
     t0 = time.perf_counter()
-    trainer.train(interrupt_at_step=2 * warm + steps)
+    train_together(trainers, interrupt_at_step=2 * warm + steps)
     elapsed = time.perf_counter() - t0
-    # Latencies of the two pieces, on the trained agent.
-    agent, replay = trainer.agent, trainer.replay
-    obs = trainer.obs
+    # Latencies of the two pieces (for k runs: one batched call for all of them), on the trained agents.
+    group = AgentGroup([t.agent for t in trainers])
+    obs = [t.obs for t in trainers]
     act = []
     for _ in range(200):
-        t = time.perf_counter()
-        agent.act(obs, 0.0)
-        act.append(time.perf_counter() - t)
+        t0 = time.perf_counter()
+        group.act(obs, [0.0] * k)
+        act.append(time.perf_counter() - t0)
     upd = []
     for _ in range(30):
-        batch = replay.sample(32)
-        t = time.perf_counter()
-        stats, _ = agent.update(batch)
-        float(stats["loss"])
-        upd.append(time.perf_counter() - t)
-    return {"steps_per_s": steps / elapsed, "act_ms": 1e3 * float(np.median(act)),
+        batches = [t.replay.sample(32) for t in trainers]
+        t0 = time.perf_counter()
+        out = group.update(batches)
+        float(out[-1][0]["loss"])  # waits for the device
+        upd.append(time.perf_counter() - t0)
+    return {"steps_per_s": k * steps / elapsed, "act_ms": 1e3 * float(np.median(act)),
             "update_ms": 1e3 * float(np.median(upd))}
 
 
-def plain_loop(game: str, steps: int, capacity: int, device: str) -> float:
+def plain_loop(game: str, steps: int, capacity: int, device: str, warm: int = 1000) -> float:
     """A single-file style DQN loop at the same settings (see the module docstring)."""
     import ale_py
     import gymnasium as gym
@@ -106,7 +119,6 @@ def plain_loop(game: str, steps: int, capacity: int, device: str) -> float:
     done_buf = np.zeros(capacity, np.float32)
     rng = np.random.default_rng(0)
     obs, _ = env.reset(seed=0)
-    warm = 1000
     t0 = None
     for step in range(2 * warm + steps):
         if step == 2 * warm:
@@ -147,29 +159,48 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=800, help="timed agent steps with learning on")
     parser.add_argument("--capacity", type=int, default=100_000, help="replay capacity of both loops")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--k", type=int, default=4, help="runs trained together in (c)")
+    parser.add_argument("--warm", type=int, default=1000,
+                        help="agent steps of random play, then as many with learning on, before the timed steps")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         env_rate = env_alone(args.game, max(2000, args.steps))
         print(f"env alone (1 env, random actions):     {env_rate:8.1f} agent steps/s", flush=True)
-        ours_stats = ours(args.game, args.steps, args.capacity, args.device, Path(tmp))
+        ours_stats = ours(args.game, args.steps, args.capacity, args.device, Path(tmp), 1, args.warm)
         print(f"one faithful run (learning on):        {ours_stats['steps_per_s']:8.1f} agent steps/s "
               f"(act {ours_stats['act_ms']:.2f} ms, update {ours_stats['update_ms']:.1f} ms)", flush=True)
-        plain = plain_loop(args.game, args.steps, args.capacity, args.device)
+        plain = plain_loop(args.game, args.steps, args.capacity, args.device, args.warm)
         print(f"plain single-file style loop:          {plain:8.1f} agent steps/s", flush=True)
+        env_k = env_alone(args.game, max(2000, args.steps), args.k)
+        print(f"{args.k} envs alone, stepped together:      {env_k:8.1f} agent steps/s (all envs)", flush=True)
+        k_stats = ours(args.game, args.steps, args.capacity, args.device, Path(tmp), args.k, args.warm)
+        k_runs = k_stats["steps_per_s"]
+        print(f"{args.k} runs in one process (learning on): {k_runs:8.1f} agent steps/s (all runs) (act "
+              f"{k_stats['act_ms']:.2f} ms, update {k_stats['update_ms']:.1f} ms, for all {args.k})", flush=True)
     result = {
         "name": "bench_train", "game": args.game, "device": str(resolve_device(args.device)),
-        "timed_steps": args.steps, "replay_capacity": args.capacity, "machine": machine_info(),
+        "timed_steps": args.steps, "warm_steps": args.warm, "replay_capacity": args.capacity, "machine": machine_info(),
         "env_alone_steps_per_s": env_rate, "one_run_steps_per_s": ours_stats["steps_per_s"],
         "plain_loop_steps_per_s": plain, "act_ms": ours_stats["act_ms"], "update_ms": ours_stats["update_ms"],
         "ratio_one_run_to_env_alone": ours_stats["steps_per_s"] / env_rate,
         "ratio_one_run_to_plain_loop": ours_stats["steps_per_s"] / plain,
-        "k_runs_per_process_steps_per_s": None,
-        "note": "K runs in one process not implemented yet",
+        "k": args.k, "k_envs_alone_steps_per_s": env_k, "k_runs_per_process_steps_per_s": k_runs,
+        "k_runs_act_ms": k_stats["act_ms"], "k_runs_update_ms": k_stats["update_ms"],
+        "ratio_k_runs_update_ms_to_one_run": k_stats["update_ms"] / ours_stats["update_ms"],
+        "ratio_k_runs_to_one_run": k_runs / ours_stats["steps_per_s"],
+        "ratio_k_runs_to_env_alone": k_runs / env_rate,
+        "ratio_k_runs_to_k_envs_alone": k_runs / env_k,
+        "note": "agent steps/s after warm-up with learning on (one batch of 32 every 4 agent steps per run); "
+                "k runs: aggregate over the k runs of one process. Ratios are within this one command; "
+                "absolute numbers depend on the machine and its load.",
         "command": "python scripts/bench_train.py " + " ".join(sys.argv[1:]),
     }
     print(f"ratios: one run / env alone = {result['ratio_one_run_to_env_alone']:.3f}, "
-          f"one run / plain loop = {result['ratio_one_run_to_plain_loop']:.2f}")
+          f"one run / plain loop = {result['ratio_one_run_to_plain_loop']:.2f}, "
+          f"{args.k} runs / one run = {result['ratio_k_runs_to_one_run']:.2f}, "
+          f"{args.k} runs / env alone = {result['ratio_k_runs_to_env_alone']:.2f}, "
+          f"{args.k} runs / {args.k} envs alone = {result['ratio_k_runs_to_k_envs_alone']:.3f}")
     finish(result, ROOT / "results" / "benchmarks" / "bench_train.json")
 
 
