@@ -12,7 +12,8 @@ at game over, for:
   (one OpenCV thread) and the stack shift. This is the ceiling for one env on one core: ``ours_1`` can
   approach it but not pass it, so ``ours_1/raw_preprocessed`` is the pipeline's own efficiency;
 - ``ale_vector_1`` / ``ale_vector_N``: ale-py's ``AtariVectorEnv`` alone (to show our wrapper's overhead);
-- ``ours_1``: ``make_atari(game)`` with 1 env (1 C++ worker thread);
+- ``ours_1``: ``make_atari(game)`` with 1 env (in-process: the emulator and the preprocessing in this thread,
+  see ``dqn_atari.envs.emulators``);
 - ``ours_N``: ``make_atari(game, num_envs=N, num_threads=T)`` (default N=8, T=2): steps of all envs.
 
 Prints figures and ratios (targets: ours_1 >= 0.8 x raw and >= 1.3 x gymnasium; ours_N >= 1.4 x raw),

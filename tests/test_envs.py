@@ -35,6 +35,7 @@ from dqn_atari.envs import (
     maze_layout,
     resolve_game,
 )
+from dqn_atari.envs.emulators import CxxNoopDraws
 
 INFO_KEYS = {
     "raw_reward", "life_loss", "game_over", "episode_end", "episode_return",
@@ -156,6 +157,60 @@ def test_ale_noop_starts_are_0_to_noop_max_minus_1_frames() -> None:
     # 300 draws: P(0 or 29 never drawn) < 2 * (29/30)^300 = 8e-5.
     assert frames.min() == 0 and frames.max() == 29 and len(np.unique(frames)) == 30
     env.close()
+
+
+def test_noop_draws_are_those_of_the_cxx_env() -> None:
+    """The in-process backend draws its no-op counts as ale-py's C++ env does (std::mt19937 through libstdc++'s
+    uniform_int_distribution): the C++ standard's check value of mt19937, then 200 resets of the real C++ env."""
+    draws = CxxNoopDraws(29, seed=5489)  # 5489: std::mt19937's default seed
+    assert int(draws._mt.random_raw(10_000)[-1]) == 4123659995  # [rand.predef]: the 10000th output
+    env = AtariVectorEnv("pong", 2, noop_max=30, use_fire_reset=False)
+    seeds = np.array([3, 2**31 - 1])
+    frames = [env.reset(seed=seeds)[1]["episode_frame_number"]]
+    frames += [env.reset()[1]["episode_frame_number"] for _ in range(99)]  # unseeded: the generator runs on
+    env.close()
+    ours = [CxxNoopDraws(29, seed=int(s)) for s in seeds]
+    np.testing.assert_array_equal(np.array(frames), [[d.draw() for d in ours] for _ in range(100)])
+
+
+BACKEND_CASES = {  # game, envs, steps, overrides: no-op starts everywhere, frequent ROM reloads and episode ends
+    "breakout": ("Breakout", 1, 1500, dict(reseed_interval=300)),
+    "breakout_sticky_fire_2envs": ("Breakout", 2, 1000, dict(reseed_interval=200, fire_reset=True,
+                                                             repeat_action_probability=0.25)),
+    "pong_frame_cap": ("Pong", 1, 800, dict(reseed_interval=0, max_episode_frames=1200)),
+    "space_invaders_machado": ("SpaceInvaders", 1, 1000, dict(protocol="machado2018", reseed_interval=400)),
+}
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES)
+def test_inprocess_and_threaded_backends_give_the_same_episodes(case: str) -> None:
+    game, n, steps, kwargs = BACKEND_CASES[case]
+    threaded = make_atari(game, num_envs=n, seed=7, backend="threaded", **kwargs)
+    inprocess = make_atari(game, num_envs=n, seed=7, backend="inprocess", **kwargs)
+    np.testing.assert_array_equal(threaded.reset()[0], inprocess.reset()[0])
+    rng = np.random.default_rng(1)
+    ends = 0
+    for t in range(steps):
+        actions = rng.integers(0, threaded.num_actions, n)
+        a, b = threaded.step(actions), inprocess.step(actions)
+        for x, y, name in zip(a[:4], b[:4], ("obs", "reward", "terminated", "truncated")):
+            np.testing.assert_array_equal(x, y, err_msg=f"{case}: {name} at step {t}")
+        for key in a[4]:
+            np.testing.assert_array_equal(a[4][key], b[4][key], err_msg=f"{case}: info[{key!r}] at step {t}")
+        np.testing.assert_array_equal(threaded._frames_at_start, inprocess._frames_at_start)  # no-op counts
+        ends += int(a[4]["episode_end"].sum())
+    assert ends >= 2, f"{case}: {ends} episode ends; the comparison must cross resets"
+    assert threaded.state_dict() == inprocess.state_dict()
+    threaded.close()
+    inprocess.close()
+
+
+def test_backend_choice() -> None:
+    assert make_atari("Pong").backend == "inprocess"  # one env: no thread hand-offs
+    assert make_atari("Pong", num_envs=2).backend == "threaded"
+    assert make_atari("Pong", backend="threaded").backend == "threaded"
+    with pytest.raises(ValueError, match="backend='gpu' is unknown"):
+        make_atari("Pong", backend="gpu")
 
 
 def test_frame_cap_excludes_noop_frames() -> None:

@@ -1,4 +1,4 @@
-"""Atari 2600 games through ale-py's threaded C++ ``AtariVectorEnv``, under a named evaluation protocol.
+"""Atari 2600 games through ale-py (its threaded C++ ``AtariVectorEnv``), under a named evaluation protocol.
 
 ``make_atari("Breakout")`` gives a vector env (see :mod:`dqn_atari.envs.base` for the contract) whose
 observations are uint8 arrays of shape ``(num_envs, 4, 84, 84)``, newest frame last, built exactly as:
@@ -11,10 +11,13 @@ observations are uint8 arrays of shape ``(num_envs, 4, 84, 84)``, newest frame l
 3. the pooled 210x160 screen is resized to 84x84 with OpenCV's area interpolation (``cv2.INTER_AREA``);
 4. the last ``frame_stack`` (4) such frames are stacked, oldest first (Methods: m = 4).
 
-All of this runs in C++ (``ale_py.vector_env.AtariVectorEnv``); with ``noop_max=0``,
+Several envs run in C++ (``ale_py.vector_env.AtariVectorEnv``, one worker thread per env up to the cores); a
+single env runs the same steps in Python in this thread, which is faster for one env
+(:mod:`dqn_atari.envs.emulators`; ``backend=`` chooses). With ``noop_max=0``,
 ``repeat_action_probability=0`` and ``fire_reset=False`` it is pixel-for-pixel what a plain Python loop over
 ``ale_py.ALEInterface`` computes (``tests/test_envs.py`` checks this on Breakout and Pong, and with
-sticky actions against a raw ALE with the same seed).
+sticky actions against a raw ALE with the same seed), and the two backends give the same observations with
+every protocol setting.
 
 Details found by reading and testing ale-py 0.12.1's ``preprocessed_env.cpp``:
 
@@ -71,9 +74,9 @@ from typing import Any
 import numpy as np
 from ale_py import roms
 from ale_py.registration import rom_id_to_name
-from ale_py.vector_env import AtariVectorEnv
 
 from dqn_atari.envs.base import VectorEnv, check_keys, closest
+from dqn_atari.envs.emulators import InProcess, Threaded
 
 
 @dataclass(frozen=True)
@@ -231,6 +234,8 @@ def resolve_game(name: str) -> str:
 # ----- the environment -----------------------------------------------------------------------------------
 #: Agent steps between ROM reloads (seeded resets) of an env; see the module docstring.
 DEFAULT_RESEED_INTERVAL = 10_000
+#: How the emulators run (dqn_atari.envs.emulators); "auto": in-process for one env, C++ threads for more.
+BACKENDS = ("auto", "inprocess", "threaded")
 
 
 class AtariEnv(VectorEnv):
@@ -247,6 +252,7 @@ class AtariEnv(VectorEnv):
         training: bool = True,
         num_threads: int = 0,
         reseed_interval: int = DEFAULT_RESEED_INTERVAL,
+        backend: str = "auto",
     ) -> None:
         super().__init__(num_envs, seed, training)
         self.game = resolve_game(game)
@@ -262,30 +268,19 @@ class AtariEnv(VectorEnv):
             raise ValueError(f"reseed_interval must be >= 0 (0: every episode), got {reseed_interval}.")
         self.reseed_interval = int(reseed_interval)
         self.num_threads = min(num_threads or self.num_envs, self.num_envs, os.cpu_count() or 1)
-        self._env: AtariVectorEnv | None = AtariVectorEnv(
-            self.game,
-            self.num_envs,
-            num_threads=self.num_threads,
-            # We truncate ourselves (module docstring); ALE must never get there first.
-            max_num_frames_per_episode=protocol.max_episode_frames + protocol.frame_skip,
-            repeat_action_probability=protocol.repeat_action_probability,
-            full_action_space=protocol.full_action_space,
-            img_height=protocol.screen_size,
-            img_width=protocol.screen_size,
-            grayscale=True,
-            stack_num=protocol.frame_stack,
-            frameskip=protocol.frame_skip,
-            maxpool=True,
-            noop_max=protocol.noop_max,
-            episodic_life=False,
-            life_loss_info=False,
-            reward_clipping=False,
-            use_fire_reset=protocol.fire_reset,
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is unknown; choose one of {BACKENDS}.")
+        if backend == "auto":
+            backend = "inprocess" if self.num_envs == 1 else "threaded"
+        self.backend = backend
+        # We truncate ourselves (module docstring); ALE must never get there first.
+        max_frames = protocol.max_episode_frames + protocol.frame_skip
+        self._emu: Threaded | InProcess | None = (
+            InProcess(self.game, self.num_envs, protocol, max_frames) if backend == "inprocess"
+            else Threaded(self.game, self.num_envs, protocol, self.num_threads, max_frames)
         )
-        self._paddle_strength = np.ones(self.num_envs, np.float32)  # full strength, as AtariVectorEnv.step
-        action_set = self._env.ale.get_action_set()
-        self.num_actions = len(action_set)
-        self.action_meanings = [a.name for a in action_set]
+        self.num_actions = len(self._emu.action_set)
+        self.action_meanings = [a.name for a in self._emu.action_set]
         n = self.num_envs
         self._frames_at_start = np.zeros(n, np.int64)  # ALE episode frame number right after the reset
         # Since each env's last seeded reset ("segment"): the episode it started and the actions taken
@@ -304,31 +299,22 @@ class AtariEnv(VectorEnv):
     def _reset_envs(self, mask: np.ndarray | None, seeded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Reset the envs in ``mask`` (all if None); those in ``seeded`` reload the ROM with the seed of the
         episode they start, the others just restart the game. Returns obs and lives of all envs."""
-        env = self._require_open()
         seeds = np.full(self.num_envs, -1, np.int64)  # -1: ALE keeps its generators running
         seeds[seeded] = self._seeds(seeded)
-        if mask is None:
-            obs, info = env.reset(seed=seeds)
-        else:
-            obs, info = env.reset(seed=seeds[mask], options={"reset_mask": mask})
+        obs, episode_frames, lives = self._require_open().reset(seeds, mask)
         selected = slice(None) if mask is None else mask
-        self._frames_at_start[selected] = info["episode_frame_number"][selected]
-        return obs, info["lives"]
+        self._frames_at_start[selected] = episode_frames[selected]
+        return obs, lives
 
     def _step_envs(self, actions: np.ndarray) -> tuple[np.ndarray, ...]:
-        self._send(actions)
+        self._require_open().send(actions)
         return self._receive()
 
-    def _send(self, actions: np.ndarray) -> None:
-        # Straight to the C++ interface: AtariVectorEnv.step only re-checks the actions (done in
-        # _check_actions) and allocates paddle strengths, ~40 us per step.
-        self._require_open().ale.send(actions, self._paddle_strength)
-
     def _receive(self) -> tuple[np.ndarray, ...]:
-        obs, reward, game_over, _, info = self._require_open().ale.recv()
-        frames = info["episode_frame_number"] - self._frames_at_start
+        obs, reward, game_over, episode_frames, lives = self._require_open().recv()
+        frames = episode_frames - self._frames_at_start
         cap = frames >= self.protocol.max_episode_frames
-        return obs, reward, game_over, cap, info["lives"], frames
+        return obs, reward, game_over, cap, lives, frames
 
     # ----- backend interface ---------------------------------------------------------------------------
     def _backend_reset(self, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -348,7 +334,7 @@ class AtariEnv(VectorEnv):
             self._actions = np.concatenate([self._actions, np.zeros_like(self._actions)], axis=1)
         self._actions[np.arange(self.num_envs), length] = actions
         self._segment_length += 1
-        self._send(actions)
+        self._require_open().send(actions)
 
     def _backend_step_wait(self) -> tuple[np.ndarray, ...]:
         return self._receive()
@@ -406,15 +392,15 @@ class AtariEnv(VectorEnv):
             )
         return obs
 
-    def _require_open(self) -> AtariVectorEnv:
-        if self._env is None:
+    def _require_open(self) -> Threaded | InProcess:
+        if self._emu is None:
             raise RuntimeError(f"{self!r} is closed.")
-        return self._env
+        return self._emu
 
     def close(self) -> None:
-        if self._env is not None:
-            self._env.close()
-            self._env = None  # the C++ destructor joins the worker threads
+        if self._emu is not None:
+            self._emu.close()
+            self._emu = None
 
 
 def make_atari(
@@ -425,6 +411,7 @@ def make_atari(
     training: bool = True,
     num_threads: int = 0,
     reseed_interval: int = DEFAULT_RESEED_INTERVAL,
+    backend: str = "auto",
     **overrides: Any,
 ) -> AtariEnv:
     """A vector env of ``num_envs`` copies of ``game`` under ``protocol`` (a preset name or an AtariProtocol).
@@ -433,7 +420,9 @@ def make_atari(
     ``training=False`` makes an evaluation env: life losses never terminate. ``num_threads`` is the number
     of C++ worker threads (0: one per env, up to the number of cores). ``reseed_interval``: an env reloads
     its ROM with a fresh seed at an episode end once this many agent steps have passed since it last did
-    (0: at every episode end); see the module docstring for the trade-off.
+    (0: at every episode end); see the module docstring for the trade-off. ``backend``: ``"threaded"`` runs
+    the emulators in ale-py's C++ worker threads, ``"inprocess"`` in this thread, ``"auto"`` picks in-process
+    for one env and threads for more (both give the same observations; :mod:`dqn_atari.envs.emulators`).
     """
     protocol = get_protocol(protocol, **overrides)
-    return AtariEnv(game, protocol, num_envs, seed, training, num_threads, reseed_interval)
+    return AtariEnv(game, protocol, num_envs, seed, training, num_threads, reseed_interval, backend)
