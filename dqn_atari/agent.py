@@ -98,9 +98,16 @@ class Agent:
         self.updates = 0
 
     # -- acting ------------------------------------------------------------------------------------------
+    def _frames(self, x: torch.Tensor) -> torch.Tensor:
+        """Image batches on CPU in channels-last (NHWC) layout: oneDNN's convolutions run ~10 % faster on it.
+        The uint8 frames are permuted (4x less to copy than floats); values and arithmetic are unchanged."""
+        if x.device.type == "cpu" and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
     @torch.no_grad()
     def greedy(self, obs: np.ndarray) -> np.ndarray:
-        x = torch.as_tensor(obs, device=self.device)
+        x = self._frames(torch.as_tensor(obs, device=self.device))
         return self.online(x).q.argmax(dim=1).cpu().numpy()
 
     def act(self, obs: np.ndarray, epsilon: float, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -123,7 +130,7 @@ class Agent:
         fields = {}
         for name, value in batch._asdict().items():
             t = torch.as_tensor(value)
-            fields[name] = t.to(self.device, non_blocking=True)
+            fields[name] = self._frames(t.to(self.device, non_blocking=True))
         return type(batch)(**fields)
 
     def update(self, batch) -> tuple[dict[str, float], np.ndarray]:

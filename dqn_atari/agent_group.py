@@ -13,8 +13,9 @@ tensors become views of its slice (``tie``). Then
 Nothing is shared between runs: every run samples its own replay, draws from its own RNG streams and gets
 its own gradient. On CPU the batched convolutions differ from K separate ones in the last bits of float32
 (a grouped convolution sums in another order), so K runs in one process equal K single runs within float
-tolerance, not bit for bit (tests/test_runs_per_process.py). A group of one agent, and IQN (whose network
-draws quantile fractions inside its forward pass), simply call each agent in turn.
+tolerance, not bit for bit (tests/test_runs_per_process.py). A group of one agent, IQN (whose network
+draws quantile fractions inside its forward pass) and the Nature CNN on CPU (where batching is slower) simply
+call each agent in turn: see :func:`batch_runs`.
 """
 
 from __future__ import annotations
@@ -62,6 +63,21 @@ def _stack_into(modules: list[nn.Module]) -> dict[str, torch.Tensor]:
     return stacked
 
 
+def batch_runs(cfg: Any, device: torch.device) -> bool:
+    """Whether K runs with these settings act and learn as one vmapped call, or one run after the other
+    (the same computation; each run's results are then bit-identical to training it alone).
+
+    - IQN samples its quantile fractions inside the forward pass, from each run's own torch stream: that
+      cannot be one vmapped call.
+    - The Nature CNN on CPU: oneDNN runs K stacked weight sets as one grouped convolution, which is slower
+      than K separate ones (``scripts/bench_train.py --k 2``: a batched update of 2 runs took 110 ms against
+      40 ms for one run on the 2-core CPU), so CPU runs take turns. On a GPU, batching is the point.
+    """
+    if cfg.network.head == "iqn":
+        return False
+    return not (device.type == "cpu" and cfg.network.torso == "nature_cnn")
+
+
 class AgentGroup:
     """K agents with identical settings (seeds and games may differ); see the module docstring.
 
@@ -73,9 +89,7 @@ class AgentGroup:
         self.scopes = rng_scopes or [nullcontext] * len(agents)
         self.cfg = agents[0].cfg
         self.device = agents[0].device
-        # IQN samples its quantile fractions inside the forward pass, from each run's own torch stream:
-        # that cannot be one vmapped call, so IQN runs are updated one after the other (same results).
-        self.batched = len(agents) > 1 and self.cfg.network.head != "iqn"
+        self.batched = len(agents) > 1 and batch_runs(self.cfg, self.device)
         if self.batched:
             self._tie()
 

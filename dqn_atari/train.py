@@ -77,9 +77,13 @@ def game_of(cfg: Config) -> str:
     return env_display_name(cfg.env.game)
 
 
-def make_train_env(cfg: Config):
-    return make_env(cfg.env.game, num_envs=cfg.env.num_envs, seed=cfg.seed, training=True,
-                    **({"protocol": cfg.env.protocol} if _is_atari(cfg) else {}), **cfg.env.overrides)
+def make_train_env(cfg: Config, backend: str = "auto"):
+    """The run's training env. ``backend`` (Atari only; the observations are the same either way): "auto" runs
+    one env in this thread and several in C++ worker threads; "threaded" always uses the threads, so that the
+    envs of K runs trained in one process step in parallel (dqn_atari.envs.emulators)."""
+    atari = {"protocol": cfg.env.protocol, "backend": backend} if _is_atari(cfg) else {}
+    return make_env(cfg.env.game, num_envs=cfg.env.num_envs, seed=cfg.seed, training=True, **atari,
+                    **cfg.env.overrides)
 
 
 def make_eval_env(cfg: Config, eval_index: int):
@@ -203,7 +207,7 @@ def _from_jsonable(value: Any) -> Any:
 class Trainer:
     """One run: its environment, replay, agent, run directory and counters."""
 
-    def __init__(self, cfg: Config, progress: bool = True):
+    def __init__(self, cfg: Config, progress: bool = True, env_backend: str = "auto"):
         self.cfg = cfg
         self.progress = progress
         self.game = game_of(cfg)
@@ -213,7 +217,15 @@ class Trainer:
             torch.set_num_threads(cfg.torch_threads)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        self.env = make_train_env(cfg)
+        self.env = make_train_env(cfg, env_backend)
+        try:
+            self._build(cfg)
+        except BaseException:
+            self.env.close()  # its worker threads and emulators; e.g. when the replay does not fit in memory
+            raise
+
+    def _build(self, cfg: Config) -> None:
+        """Everything of a run that comes after its environment: replay, agent, counters."""
         self.frame_skip = frame_skip_of(self.env)
         self.total_steps = frames_to_steps(cfg.train.frames, self.frame_skip)
         replay_cls, replay_kwargs = replay_kind(cfg, self.env)
@@ -529,7 +541,7 @@ class _Lockstep:
         while self.runs and self.runs[0].counters.agent_step < self.runs[0].total_steps:
             epsilons = [epsilon_at(t.counters.agent_step, t.cfg) for t in self.runs]
             actions = self.group.act([t.obs for t in self.runs], epsilons)
-            for t, a in zip(self.runs, actions):  # Atari envs step in their C++ threads, all runs at once
+            for t, a in zip(self.runs, actions):  # K runs' Atari envs step in their C++ threads, all at once
                 t.env.step_async(a)
             for t, a, epsilon in zip(self.runs, actions, epsilons):
                 t.record_step(a, epsilon, t.env.step_wait(), started)
@@ -670,5 +682,7 @@ def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = No
 
 
 def train_runs(cfgs: list[Config], progress: bool = True, interrupt_at_step: int | None = None) -> list[RunDir]:
-    """K runs (configs differing only in seed or game) trained in one process; see train_together."""
-    return train_together([Trainer(cfg, progress=progress) for cfg in cfgs], interrupt_at_step)
+    """K runs (configs differing only in seed or game) trained in one process; see train_together. With K > 1
+    their Atari envs run in C++ worker threads, so that all K step at once."""
+    backend = "threaded" if len(cfgs) > 1 else "auto"
+    return train_together([Trainer(cfg, progress=progress, env_backend=backend) for cfg in cfgs], interrupt_at_step)

@@ -4,7 +4,7 @@ envs alone, stepped together), and a plain single-file style DQN loop at the sam
 this run.
 
     python scripts/bench_train.py [--game Breakout] [--steps 800] [--capacity 100000] [--device auto] [--k 4]
-        [--warm 1000]
+        [--warm 1000] [--rounds 3]
 
 The plain loop is written here the way the well-known single-file implementations are (gymnasium's Python
 wrappers, a replay of full obs and next-obs stacks, one batch-1 forward per step, the update in the same
@@ -41,7 +41,7 @@ from benchlib import finish, machine_info  # noqa: E402
 def env_alone(game: str, steps: int, k: int = 1) -> float:
     """Agent steps/s (all envs together) of k one-env Atari envs with random actions, stepped as the training
     loop steps its runs' envs: start every env's step, then wait for each."""
-    envs = [make_env(game, num_envs=1, seed=seed) for seed in range(k)]
+    envs = [make_env(game, num_envs=1, seed=seed, backend="threaded" if k > 1 else "auto") for seed in range(k)]
     for env in envs:
         env.reset(seed=0)
     rng = np.random.default_rng(0)
@@ -67,9 +67,10 @@ def ours(game: str, steps: int, capacity: int, device: str, tmp: Path, k: int = 
         "train.epsilon_start=0.1"])  # acting uses the network, as in the plain loop
         for seed in range(1, k + 1)]
     # Random play, then learning on for `warm` steps; then the timed part, resumed from that checkpoint.
-    warmed = [Trainer(cfg, progress=False) for cfg in cfgs]
+    backend = "threaded" if k > 1 else "auto"  # as train_runs: K runs' envs step in parallel C++ threads
+    warmed = [Trainer(cfg, progress=False, env_backend=backend) for cfg in cfgs]
     train_together(warmed, interrupt_at_step=2 * warm)
-    trainers = [Trainer(cfg, progress=False) for cfg in cfgs]
+    trainers = [Trainer(cfg, progress=False, env_backend=backend) for cfg in cfgs]
     train_together(trainers, interrupt_at_step=2 * warm + steps)
     # The loop's own clock (counters.wall_time, restored on resume) leaves out the resume itself and the
     # checkpoint written at the stop, which would otherwise weigh on a short timed part.
@@ -162,6 +163,8 @@ def main() -> None:
     parser.add_argument("--capacity", type=int, default=100_000, help="replay capacity of both loops")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--k", type=int, default=4, help="runs trained together in (c)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating rounds of (a) and the plain loop; the median round's ratio is reported")
     parser.add_argument("--warm", type=int, default=1000,
                         help="agent steps of random play, then as many with learning on, before the timed steps")
     args = parser.parse_args()
@@ -169,11 +172,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         env_rate = env_alone(args.game, max(2000, args.steps))
         print(f"env alone (1 env, random actions):     {env_rate:8.1f} agent steps/s", flush=True)
-        ours_stats = ours(args.game, args.steps, args.capacity, args.device, Path(tmp), 1, args.warm)
-        print(f"one faithful run (learning on):        {ours_stats['steps_per_s']:8.1f} agent steps/s "
-              f"(act {ours_stats['act_ms']:.2f} ms, update {ours_stats['update_ms']:.1f} ms)", flush=True)
-        plain = plain_loop(args.game, args.steps, args.capacity, args.device, args.warm)
-        print(f"plain single-file style loop:          {plain:8.1f} agent steps/s", flush=True)
+        # One run and the plain loop alternate, so that a change in the machine's speed (it may be shared) falls
+        # on both: each round gives a ratio, and the median round is reported.
+        rounds = []
+        for r in range(args.rounds):
+            stats = ours(args.game, args.steps, args.capacity, args.device, Path(tmp) / f"round{r}", 1, args.warm)
+            print(f"one faithful run (learning on):        {stats['steps_per_s']:8.1f} agent steps/s "
+                  f"(act {stats['act_ms']:.2f} ms, update {stats['update_ms']:.1f} ms)", flush=True)
+            plain = plain_loop(args.game, args.steps, args.capacity, args.device, args.warm)
+            print(f"plain single-file style loop:          {plain:8.1f} agent steps/s "
+                  f"(round {r + 1}/{args.rounds}: ratio {stats['steps_per_s'] / plain:.2f})", flush=True)
+            rounds.append((stats["steps_per_s"] / plain, stats, plain))
+        ratio_to_plain, ours_stats, plain = sorted(rounds, key=lambda x: x[0])[len(rounds) // 2]
         env_k = env_alone(args.game, max(2000, args.steps), args.k)
         print(f"{args.k} envs alone, stepped together:      {env_k:8.1f} agent steps/s (all envs)", flush=True)
         k_stats = ours(args.game, args.steps, args.capacity, args.device, Path(tmp), args.k, args.warm)
@@ -186,7 +196,8 @@ def main() -> None:
         "env_alone_steps_per_s": env_rate, "one_run_steps_per_s": ours_stats["steps_per_s"],
         "plain_loop_steps_per_s": plain, "act_ms": ours_stats["act_ms"], "update_ms": ours_stats["update_ms"],
         "ratio_one_run_to_env_alone": ours_stats["steps_per_s"] / env_rate,
-        "ratio_one_run_to_plain_loop": ours_stats["steps_per_s"] / plain,
+        "ratio_one_run_to_plain_loop": ratio_to_plain,
+        "ratio_one_run_to_plain_loop_rounds": [x[0] for x in rounds],
         "k": args.k, "k_envs_alone_steps_per_s": env_k, "k_runs_per_process_steps_per_s": k_runs,
         "k_runs_act_ms": k_stats["act_ms"], "k_runs_update_ms": k_stats["update_ms"],
         "ratio_k_runs_update_ms_to_one_run": k_stats["update_ms"] / ours_stats["update_ms"],
@@ -194,6 +205,7 @@ def main() -> None:
         "ratio_k_runs_to_env_alone": k_runs / env_rate,
         "ratio_k_runs_to_k_envs_alone": k_runs / env_k,
         "note": "agent steps/s after warm-up with learning on (one batch of 32 every 4 agent steps per run); "
+                "one run and the plain loop: the median of alternating rounds (by their ratio); "
                 "k runs: aggregate over the k runs of one process. Ratios are within this one command; "
                 "absolute numbers depend on the machine and its load.",
         "command": "python scripts/bench_train.py " + " ".join(sys.argv[1:]),

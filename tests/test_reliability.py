@@ -344,6 +344,22 @@ def test_bad_input_is_one_clear_paragraph_and_creates_nothing(argv, code, fragme
     assert not runs_root.exists(), "nothing may be written for bad input"
 
 
+def test_a_run_that_cannot_start_releases_its_environment(tmp_path, monkeypatch):
+    """The replay memory check comes after the env is built: when it refuses, the env (its C++ worker threads
+    and emulators) is closed, so a process that goes on (a sweep, a notebook) does not keep them."""
+    from dqn_atari import train as train_module
+
+    made = []
+    real = train_module.make_train_env
+    monkeypatch.setattr(train_module, "make_train_env", lambda *args: made.append(real(*args)) or made[-1])
+    cfg = build_config(NATURE, [f"runs_root={tmp_path}", "env.game=Pong", "replay.capacity=100000000", "device=cpu"])
+    with pytest.raises(Exception, match="replay memory needs"):
+        Trainer(cfg, progress=False)
+    assert len(made) == 1
+    with pytest.raises(RuntimeError, match="is closed"):  # the env was closed, not left running
+        made[0].reset()
+
+
 def test_resuming_with_a_different_config_is_refused_unless_forced(run_copy, capsys):
     before = snapshot(run_copy)
     rc = main(cartpole_argv(run_copy, "train.epsilon_end=0.2"))

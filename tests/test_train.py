@@ -133,6 +133,34 @@ def test_smoke_pipeline_end_to_end(tmp_path, monkeypatch):
                  f"runs_root={tmp_path / 'runs'}", "train.frames=12000", "device=cpu"]) == 0
 
 
+@pytest.mark.slow
+def test_reproduce_parallel_trains_every_seed_in_one_process_and_reports_them(tmp_path, monkeypatch):
+    """`make reproduce ... PARALLEL=1`: the seeds train together, each as alone (bit for bit on CPU, where Nature
+    CNN runs take turns), and the report covers all of them."""
+    monkeypatch.chdir(ROOT)
+    common = ["--smoke", "--game", "Pong", "--variant", "nature_dqn", "--no-progress"]
+    budget = ["train.frames=4000", "replay_start_steps=300", "eval.period_steps=500", "checkpoint_period_steps=500",
+              "device=cpu"]
+    assert main(["reproduce", *common, "--seeds", "1 2", "--parallel", "--",
+                 f"runs_root={tmp_path / 'together' / 'runs'}", *budget]) == 0
+    assert main(["reproduce", *common, "--seeds", "2", "--", f"runs_root={tmp_path / 'alone' / 'runs'}", *budget]) == 0
+    together = tmp_path / "together" / "runs" / "nature_dqn" / "Pong"
+    for seed in (1, 2):
+        assert (together / f"seed{seed}" / "DONE").exists()
+    alone = tmp_path / "alone" / "runs" / "nature_dqn" / "Pong" / "seed2"
+    for name in ("train.csv", "eval.csv"):
+        assert _without_wall_time(alone / name) == _without_wall_time(together / "seed2" / name), name
+    assert (alone / "model.safetensors").read_bytes() == (together / "seed2" / "model.safetensors").read_bytes()
+    report = (tmp_path / "together" / "reports" / "nature_dqn" / "Pong.md").read_text()
+    assert "seeds: 2 (1, 2)" in report
+
+
+def _without_wall_time(path: Path) -> list[list[str]]:
+    lines = path.read_text().splitlines()
+    keep = [i for i, h in enumerate(lines[0].split(",")) if h != "wall_time"]
+    return [[line.split(",")[i] for i in keep] for line in lines]
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["train", "configs/nature_dqn.yaml", "env.game=Breakoutt"], "Breakout"),
     (["train", "configs/nature_dqn.yaml", "agent.lrr=1"], "agent.lr"),
