@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import cv2  # opencv-python-headless: the resize ale-py's C++ env does with its own OpenCV
 import numpy as np
 from ale_py import Action, ALEInterface, LoggerMode, roms
 from ale_py.vector_env import AtariVectorEnv
@@ -106,12 +107,9 @@ class InProcess:
     """The C++ env's preprocessing in Python, stepped in the calling thread (module docstring)."""
 
     def __init__(self, game: str, num_envs: int, protocol: Any, max_frames: int):
-        import cv2  # opencv-python-headless: the resize ale-py's C++ env does with its own OpenCV
-
-        self._cv2 = cv2
         self._rom = roms.get_rom_path(game)
         p = protocol
-        self.frame_skip, self.noop_max, self.max_frames = p.frame_skip, p.noop_max, max_frames
+        self.frame_skip, self.max_frames = p.frame_skip, max_frames
         self.size = (p.screen_size, p.screen_size)
         self.ales: list[ALEInterface] = []
         for _ in range(num_envs):
@@ -138,7 +136,7 @@ class InProcess:
         np.maximum(newest, previous, out=newest)  # in place, as C++ maxpool_frames
         stack = self.stack[i]
         stack[:-1] = stack[1:]
-        self._cv2.resize(newest, self.size, dst=stack[-1], interpolation=self._cv2.INTER_AREA)
+        cv2.resize(newest, self.size, dst=stack[-1], interpolation=cv2.INTER_AREA)
 
     def _reset_one(self, i: int, seed: int) -> None:
         ale = self.ales[i]
