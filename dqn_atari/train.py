@@ -684,5 +684,11 @@ def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = No
 def train_runs(cfgs: list[Config], progress: bool = True, interrupt_at_step: int | None = None) -> list[RunDir]:
     """K runs (configs differing only in seed or game) trained in one process; see train_together. With K > 1
     their Atari envs run in C++ worker threads, so that all K step at once."""
-    backend = "threaded" if len(cfgs) > 1 else "auto"
+    backend = env_backend_for(len(cfgs))
     return train_together([Trainer(cfg, progress=progress, env_backend=backend) for cfg in cfgs], interrupt_at_step)
+
+
+def env_backend_for(num_runs: int) -> str:
+    """The Atari env backend of each of ``num_runs`` runs trained in one process: C++ threads when there are
+    several, so that their envs step at once; otherwise the default (one env in-process)."""
+    return "threaded" if num_runs > 1 else "auto"

@@ -34,14 +34,14 @@ from dqn_atari.agent import resolve_device  # noqa: E402
 from dqn_atari.agent_group import AgentGroup  # noqa: E402
 from dqn_atari.cli import build_config  # noqa: E402
 from dqn_atari.envs import display_name, make_env, resolve_game  # noqa: E402
-from dqn_atari.train import Trainer, train_together  # noqa: E402
+from dqn_atari.train import Trainer, env_backend_for, train_together  # noqa: E402
 from benchlib import finish, machine_info  # noqa: E402
 
 
 def env_alone(game: str, steps: int, k: int = 1) -> float:
     """Agent steps/s (all envs together) of k one-env Atari envs with random actions, stepped as the training
     loop steps its runs' envs: start every env's step, then wait for each."""
-    envs = [make_env(game, num_envs=1, seed=seed, backend="threaded" if k > 1 else "auto") for seed in range(k)]
+    envs = [make_env(game, num_envs=1, seed=seed, backend=env_backend_for(k)) for seed in range(k)]
     for env in envs:
         env.reset(seed=0)
     rng = np.random.default_rng(0)
@@ -67,7 +67,7 @@ def ours(game: str, steps: int, capacity: int, device: str, tmp: Path, k: int = 
         "train.epsilon_start=0.1"])  # acting uses the network, as in the plain loop
         for seed in range(1, k + 1)]
     # Random play, then learning on for `warm` steps; then the timed part, resumed from that checkpoint.
-    backend = "threaded" if k > 1 else "auto"  # as train_runs: K runs' envs step in parallel C++ threads
+    backend = env_backend_for(k)  # as train_runs
     warmed = [Trainer(cfg, progress=False, env_backend=backend) for cfg in cfgs]
     train_together(warmed, interrupt_at_step=2 * warm)
     trainers = [Trainer(cfg, progress=False, env_backend=backend) for cfg in cfgs]

@@ -147,18 +147,9 @@ def test_reproduce_parallel_trains_every_seed_in_one_process_and_reports_them(tm
     together = tmp_path / "together" / "runs" / "nature_dqn" / "Pong"
     for seed in (1, 2):
         assert (together / f"seed{seed}" / "DONE").exists()
-    alone = tmp_path / "alone" / "runs" / "nature_dqn" / "Pong" / "seed2"
-    for name in ("train.csv", "eval.csv"):
-        assert _without_wall_time(alone / name) == _without_wall_time(together / "seed2" / name), name
-    assert (alone / "model.safetensors").read_bytes() == (together / "seed2" / "model.safetensors").read_bytes()
+    _assert_same_run(tmp_path / "alone" / "runs" / "nature_dqn" / "Pong" / "seed2", together / "seed2")
     report = (tmp_path / "together" / "reports" / "nature_dqn" / "Pong.md").read_text()
     assert "seeds: 2 (1, 2)" in report
-
-
-def _without_wall_time(path: Path) -> list[list[str]]:
-    lines = path.read_text().splitlines()
-    keep = [i for i, h in enumerate(lines[0].split(",")) if h != "wall_time"]
-    return [[line.split(",")[i] for i in keep] for line in lines]
 
 
 @pytest.mark.parametrize("argv, fragment", [

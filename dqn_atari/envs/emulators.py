@@ -123,9 +123,10 @@ class InProcess:
         self.action_set = list(ale.getLegalActionSet() if p.full_action_space else ale.getMinimalActionSet())
         self.fire = bool(p.fire_reset) and Action.FIRE in self.action_set
         height, width = ale.getScreenDims()
-        self.raw = np.zeros((num_envs, 2, height, width), np.uint8)  # the last two grayscale screens per env
+        # Per env, the grayscale screens of the last two frames of a step: (newest, the one before).
+        self.screens = [(np.zeros((height, width), np.uint8), np.zeros((height, width), np.uint8))
+                        for _ in range(num_envs)]
         self.stack = np.zeros((num_envs, p.frame_stack, *self.size), np.uint8)
-        self.screens = [(r[0], r[1]) for r in self.raw]  # views, made once: this is the hot loop
         self.noops = [CxxNoopDraws(max(p.noop_max - 1, 0)) for _ in range(num_envs)]
         self.elapsed = [0] * num_envs  # frames since the reset, as C++ elapsed_steps_
         self.game_over = [False] * num_envs
