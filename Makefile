@@ -75,8 +75,10 @@ bench-env: install
 bench-replay: install
 	$(PY) scripts/bench_replay.py
 
+# The training bench times runs with compile=true (the faster faithful update); BENCH_TRAIN_ARGS= for eager.
+BENCH_TRAIN_ARGS ?= --compile
 bench-train: install
-	$(PY) scripts/bench_train.py
+	$(PY) scripts/bench_train.py $(BENCH_TRAIN_ARGS)
 
 bench: bench-env bench-replay bench-train
 

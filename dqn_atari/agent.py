@@ -8,10 +8,12 @@ dispatch lives in :func:`dqn_atari.losses.td_loss`.
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 import numpy as np
 import torch
+import torch._inductor.config
 from torch import nn
 
 from dqn_atari.config import Config
@@ -32,8 +34,9 @@ class NatureRMSprop(torch.optim.Optimizer):
     There is no momentum term in DeepMind's code.
     """
 
-    def __init__(self, params, lr: float = 0.00025, decay: float = 0.95, eps: float = 0.01):
+    def __init__(self, params, lr: float = 0.00025, decay: float = 0.95, eps: float = 0.01, compiled: bool = False):
         super().__init__(params, dict(lr=lr, decay=decay, eps=eps))
+        self._update = compiled_fn(_nature_rmsprop_) if compiled else _nature_rmsprop_
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -41,30 +44,54 @@ class NatureRMSprop(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            grads = [p.grad for p in params]
             for p in params:
                 if not self.state[p]:
                     self.state[p]["g"] = torch.zeros_like(p)
                     self.state[p]["g2"] = torch.zeros_like(p)
-            g = [self.state[p]["g"] for p in params]
-            g2 = [self.state[p]["g2"] for p in params]
-            decay = group["decay"]
-            torch._foreach_lerp_(g, grads, 1.0 - decay)
-            torch._foreach_mul_(g2, decay)
-            torch._foreach_addcmul_(g2, grads, grads, value=1.0 - decay)
-            denom = torch._foreach_addcmul(g2, g, g, value=-1.0)
-            torch._foreach_add_(denom, group["eps"])
-            torch._foreach_sqrt_(denom)
-            torch._foreach_addcdiv_(params, grads, denom, value=-group["lr"])
+            self._update(params, [p.grad for p in params], [self.state[p]["g"] for p in params],
+                         [self.state[p]["g2"] for p in params], group["lr"], group["decay"], group["eps"])
         return None
+
+
+def _nature_rmsprop_(params, grads, g, g2, lr: float, decay: float, eps: float) -> None:
+    """NatureRMSprop's update of ``params`` and its statistics ``g``, ``g2``, in place."""
+    torch._foreach_lerp_(g, grads, 1.0 - decay)
+    torch._foreach_mul_(g2, decay)
+    torch._foreach_addcmul_(g2, grads, grads, value=1.0 - decay)
+    denom = torch._foreach_addcmul(g2, g, g, value=-1.0)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_sqrt_(denom)
+    torch._foreach_addcdiv_(params, grads, denom, value=-lr)
 
 
 def make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
     a = cfg.agent
     if a.optimizer == "rmsprop_nature":
-        return NatureRMSprop(params, lr=a.lr, decay=a.rms_decay, eps=a.rms_eps)
+        return NatureRMSprop(params, lr=a.lr, decay=a.rms_decay, eps=a.rms_eps, compiled=cfg.compile)
     # Rainbow (Hessel et al. 2018, Table 1): Adam with lr 6.25e-5 and eps 1.5e-4.
     return torch.optim.Adam(params, lr=a.lr, eps=a.adam_eps)
+
+
+@functools.cache
+def compiled_fn(fn):
+    """``fn`` through torch.compile (config ``compile=true``): one compiled function shared by every agent of
+    the process, so K runs do not compile K times (modules are passed in, not closed over)."""
+    # Random ops inside a compiled graph (IQN's quantile fractions) draw from torch's generator as eager does.
+    torch._inductor.config.fallback_random = True
+    return torch.compile(fn)
+
+
+def check_compile(device: torch.device) -> None:
+    """A clear error, before any work, where ``compile=true`` cannot work: on CPU it needs a C++ compiler."""
+    if device.type != "cpu":
+        return
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as exc:  # torch raises a RuntimeError naming the compilers it tried
+        raise ValueError(f"compile=true on CPU needs a C++ compiler (g++ or clang++), and none works here ({exc}). "
+                         f"Install one (e.g. apt install g++), or set compile=false.") from None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -76,6 +103,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def update_loss(online: nn.Module, target: nn.Module, b, *, double: bool, head: str, iqn_num_taus: int,
+                iqn_num_taus_target: int, kappa: float, reduction: str) -> tuple[torch.Tensor, ...]:
+    """The differentiable part of an update: the per-sample loss of dqn_atari.losses.td_loss, weighted by the
+    replay's importance weights and reduced. Returns (loss, priority, q_tm1)."""
+    out = td_loss(online, target, b, double=double, head=head, iqn_num_taus=iqn_num_taus,
+                  iqn_num_taus_target=iqn_num_taus_target, kappa=kappa)
+    weighted = out.loss * b.weights
+    loss = weighted.sum() if reduction == "sum" else weighted.mean()
+    return loss, out.priority, out.q_tm1
+
+
 class Agent:
     """Online and target networks, the optimizer and the acting RNG of one run."""
 
@@ -83,6 +121,8 @@ class Agent:
         self.cfg = cfg
         self.num_actions = num_actions
         self.device = torch.device(device)
+        if cfg.compile:
+            check_compile(self.device)
         n = cfg.network
         self.online = build_network(
             tuple(obs_shape), num_actions, torso=n.torso, mlp_hidden=tuple(n.mlp_hidden), head=n.head,
@@ -143,19 +183,19 @@ class Agent:
             self.online.reset_noise()
             self.target.reset_noise()
         b = self._to_device(batch)
-        out = td_loss(self.online, self.target, b, double=cfg.agent.double, head=cfg.network.head,
-                      iqn_num_taus=cfg.network.iqn_num_taus, iqn_num_taus_target=cfg.network.iqn_num_taus_target,
-                      kappa=cfg.network.kappa)
-        weighted = out.loss * b.weights
-        loss = weighted.sum() if cfg.agent.loss_reduction == "sum" else weighted.mean()
+        n = cfg.network
+        loss_fn = compiled_fn(update_loss) if cfg.compile else update_loss
+        loss, priority, q_tm1 = loss_fn(self.online, self.target, b, double=cfg.agent.double, head=n.head,
+                                        iqn_num_taus=n.iqn_num_taus, iqn_num_taus_target=n.iqn_num_taus_target,
+                                        kappa=n.kappa, reduction=cfg.agent.loss_reduction)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.agent.max_grad_norm > 0:
             nn.utils.clip_grad_norm_(self.online.parameters(), cfg.agent.max_grad_norm)
         self.optimizer.step()
         self.updates += 1
-        stats = {"loss": loss.detach(), "q_mean": out.q_tm1.mean(), "q_max": out.q_tm1.max(), "q_min": out.q_tm1.min()}
-        return stats, out.priority
+        stats = {"loss": loss.detach(), "q_mean": q_tm1.mean(), "q_max": q_tm1.max(), "q_min": q_tm1.min()}
+        return stats, priority
 
     @torch.no_grad()
     def sync_target(self) -> None:

@@ -232,7 +232,7 @@ class EvalConfig:
 
 
 # Where and how a run executes, not what it computes: free to change between a run and its resume.
-RUN_LOCAL_KEYS = ("runs_root", "device", "force", "torch_threads")
+RUN_LOCAL_KEYS = ("runs_root", "device", "force", "torch_threads", "compile")
 
 
 @dataclass(frozen=True)
@@ -249,6 +249,10 @@ class Config:
     """Resume a run directory even though its recorded config differs from this one."""
     torch_threads: int = 0
     """Intra-op CPU threads for torch (0: torch's default). 1 avoids thread thrashing on small CPUs."""
+    compile: bool = False
+    """Run the learning update (loss, backward, optimizer step) through torch.compile. Same algorithm, same
+    batches; floats agree with the eager update to rounding only. Costs ~20-30 s of compiling at the start of
+    each process (cached on disk after the first) and, on CPU, needs a C++ compiler. See README, Speed."""
     env: EnvConfig = field(default_factory=EnvConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)

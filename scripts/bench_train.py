@@ -4,13 +4,21 @@ envs alone, stepped together), and a plain single-file style DQN loop at the sam
 this run.
 
     python scripts/bench_train.py [--game Breakout] [--steps 800] [--capacity 100000] [--device auto] [--k 4]
-        [--warm 1000] [--rounds 3]
+        [--warm 1000] [--rounds 3] [--compile] [--cleanrl DIR --cleanrl-python PYTHON]
 
 The plain loop is written here the way the well-known single-file implementations are (gymnasium's Python
 wrappers, a replay of full obs and next-obs stacks, one batch-1 forward per step, the update in the same
 thread); it is our own code, not a copy. Both loops use the Nature settings: a batch of 32 every 4 agent
 steps, epsilon-greedy acting, a target network, the replay capacity given. Ends with one JSON line, also
 written to results/benchmarks/bench_train.json.
+
+With --cleanrl, each round also times CleanRL's own dqn_atari.py (the common single-file PyTorch DQN, run
+from a checkout of https://github.com/vwxyzjn/cleanrl in its own Python environment) at the same settings:
+its learning-phase agent steps/s come from the arrival times of the "SPS:" lines it prints every 100 steps.
+The issue's CPU target is stated against that implementation; the plain loop above is our stand-in for it.
+CleanRL pins gymnasium 0.29 and ale-py 0.8; ale-py 0.9 also works with it and ships the ROMs, e.g.
+    python3 -m venv cr && cr/bin/pip install torch gymnasium==0.29.1 ale-py==0.9.0 tyro tensorboard opencv-python
+    python scripts/bench_train.py --cleanrl path/to/cleanrl --cleanrl-python cr/bin/python
 
 (c) trains seeds 1..K of the same config together (dqn_atari.agent_group): one batched network evaluation
 for acting and one batched update per training step, each run still one batch of 32 every 4 of its steps.
@@ -19,6 +27,8 @@ for acting and one batched update per training step, each run still one batch of
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -58,13 +68,14 @@ def env_alone(game: str, steps: int, k: int = 1) -> float:
     return rate
 
 
-def ours(game: str, steps: int, capacity: int, device: str, tmp: Path, k: int = 1, warm: int = 1000) -> dict:
+def ours(game: str, steps: int, capacity: int, device: str, tmp: Path, k: int = 1, warm: int = 1000,
+         compile: bool = False) -> dict:
     """Agent steps/s of seeds 1..k trained together (k = 1: one run), all runs counted, learning on."""
     cfgs = [build_config(ROOT / "configs" / "nature_dqn.yaml", [
         f"env.game={game}", f"runs_root={tmp / f'k{k}'}", f"device={device}", f"replay.capacity={capacity}",
         f"train.replay_start_steps={warm}", f"train.frames={4 * (2 * warm + steps)}", f"seed={seed}",
         "eval.period_steps=100000000", "train.checkpoint_period_steps=100000000",
-        "train.epsilon_start=0.1"])  # acting uses the network, as in the plain loop
+        f"compile={compile}", "train.epsilon_start=0.1"])  # acting uses the network, as in the plain loop
         for seed in range(1, k + 1)]
     # Random play, then learning on for `warm` steps; then the timed part, resumed from that checkpoint.
     backend = env_backend_for(k)  # as train_runs
@@ -156,6 +167,32 @@ def plain_loop(game: str, steps: int, capacity: int, device: str, warm: int = 10
     return steps / (time.perf_counter() - t0)
 
 
+def cleanrl(root: Path, python: str, game: str, steps: int, capacity: int, device: str, warm: int) -> float:
+    """Agent steps/s of CleanRL's dqn_atari.py between its steps 2*warm and 2*warm + steps (learning starts at
+    `warm`), from the arrival times of its "SPS:" lines (printed at every multiple of 100 past learning start)."""
+    script = root / "cleanrl" / "dqn_atari.py"
+    if not script.exists():
+        raise SystemExit(f"--cleanrl {root}: no cleanrl/dqn_atari.py there; give the root of a CleanRL checkout.")
+    if warm % 100 or steps % 100:
+        raise SystemExit("--cleanrl needs --warm and --steps in multiples of 100 (CleanRL prints every 100 steps).")
+    argv = ["--env-id", f"{display_name(resolve_game(game))}NoFrameskip-v4", "--total-timesteps", str(2 * warm + steps + 100),
+            "--learning-starts", str(warm), "--buffer-size", str(capacity)]
+    if resolve_device(device).type == "cpu":
+        argv.append("--no-cuda")
+    # ale-py >= 0.9 registers its gymnasium envs on import; CleanRL's script does not import it itself.
+    runner = (f"import sys, runpy, ale_py; sys.argv = ['dqn_atari.py'] + {argv!r}; "
+              f"runpy.run_path({str(script)!r}, run_name='__main__')")
+    proc = subprocess.Popen([python, "-u", "-c", runner], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(root)})
+    stamps = [time.perf_counter() for line in proc.stdout if line.startswith("SPS:")]
+    err = proc.stderr.read()
+    if proc.wait() != 0:
+        raise SystemExit(f"CleanRL's dqn_atari.py failed (exit {proc.returncode}):\n{err[-2000:]}")
+    first = warm // 100 - 1  # its print at step 2 * warm: the k-th print (from 0) is at step warm + 100 (k + 1)
+    last = first + steps // 100
+    return steps / (stamps[last] - stamps[first])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--game", default="Breakout")
@@ -167,6 +204,10 @@ def main() -> None:
                         help="alternating rounds of (a) and the plain loop; the median round's ratio is reported")
     parser.add_argument("--warm", type=int, default=1000,
                         help="agent steps of random play, then as many with learning on, before the timed steps")
+    parser.add_argument("--compile", action="store_true", help="(a) and (c) with compile=true (torch.compile)")
+    parser.add_argument("--cleanrl", type=Path, help="a CleanRL checkout: also time its dqn_atari.py each round")
+    parser.add_argument("--cleanrl-python", default=sys.executable,
+                        help="the Python of CleanRL's environment (default: this one)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -174,30 +215,40 @@ def main() -> None:
         print(f"env alone (1 env, random actions):     {env_rate:8.1f} agent steps/s", flush=True)
         # One run and the plain loop alternate, so that a change in the machine's speed (it may be shared) falls
         # on both: each round gives a ratio, and the median round is reported.
-        rounds = []
+        rounds, cleanrl_rounds = [], []
         for r in range(args.rounds):
-            stats = ours(args.game, args.steps, args.capacity, args.device, Path(tmp) / f"round{r}", 1, args.warm)
+            stats = ours(args.game, args.steps, args.capacity, args.device, Path(tmp) / f"round{r}", 1, args.warm,
+                         args.compile)
             print(f"one faithful run (learning on):        {stats['steps_per_s']:8.1f} agent steps/s "
                   f"(act {stats['act_ms']:.2f} ms, update {stats['update_ms']:.1f} ms)", flush=True)
             plain = plain_loop(args.game, args.steps, args.capacity, args.device, args.warm)
             print(f"plain single-file style loop:          {plain:8.1f} agent steps/s "
                   f"(round {r + 1}/{args.rounds}: ratio {stats['steps_per_s'] / plain:.2f})", flush=True)
             rounds.append((stats["steps_per_s"] / plain, stats, plain))
+            if args.cleanrl:
+                cr = cleanrl(args.cleanrl, args.cleanrl_python, args.game, args.steps, args.capacity, args.device,
+                             args.warm)
+                cleanrl_rounds.append((stats["steps_per_s"] / cr, cr))
+                print(f"CleanRL dqn_atari.py:                  {cr:8.1f} agent steps/s "
+                      f"(round {r + 1}/{args.rounds}: ratio {stats['steps_per_s'] / cr:.2f})", flush=True)
         ratio_to_plain, ours_stats, plain = sorted(rounds, key=lambda x: x[0])[len(rounds) // 2]
         env_k = env_alone(args.game, max(2000, args.steps), args.k)
         print(f"{args.k} envs alone, stepped together:      {env_k:8.1f} agent steps/s (all envs)", flush=True)
-        k_stats = ours(args.game, args.steps, args.capacity, args.device, Path(tmp), args.k, args.warm)
+        k_stats = ours(args.game, args.steps, args.capacity, args.device, Path(tmp), args.k, args.warm, args.compile)
         k_runs = k_stats["steps_per_s"]
         print(f"{args.k} runs in one process (learning on): {k_runs:8.1f} agent steps/s (all runs) (act "
               f"{k_stats['act_ms']:.2f} ms, update {k_stats['update_ms']:.1f} ms, for all {args.k})", flush=True)
     result = {
         "name": "bench_train", "game": args.game, "device": str(resolve_device(args.device)),
-        "timed_steps": args.steps, "warm_steps": args.warm, "replay_capacity": args.capacity, "machine": machine_info(),
+        "compile": args.compile, "timed_steps": args.steps, "warm_steps": args.warm, "replay_capacity": args.capacity, "machine": machine_info(),
         "env_alone_steps_per_s": env_rate, "one_run_steps_per_s": ours_stats["steps_per_s"],
         "plain_loop_steps_per_s": plain, "act_ms": ours_stats["act_ms"], "update_ms": ours_stats["update_ms"],
         "ratio_one_run_to_env_alone": ours_stats["steps_per_s"] / env_rate,
         "ratio_one_run_to_plain_loop": ratio_to_plain,
         "ratio_one_run_to_plain_loop_rounds": [x[0] for x in rounds],
+        **({"cleanrl_steps_per_s": sorted(cleanrl_rounds)[len(cleanrl_rounds) // 2][1],
+            "ratio_one_run_to_cleanrl": sorted(cleanrl_rounds)[len(cleanrl_rounds) // 2][0],
+            "ratio_one_run_to_cleanrl_rounds": [x[0] for x in cleanrl_rounds]} if cleanrl_rounds else {}),
         "k": args.k, "k_envs_alone_steps_per_s": env_k, "k_runs_per_process_steps_per_s": k_runs,
         "k_runs_act_ms": k_stats["act_ms"], "k_runs_update_ms": k_stats["update_ms"],
         "ratio_k_runs_update_ms_to_one_run": k_stats["update_ms"] / ours_stats["update_ms"],

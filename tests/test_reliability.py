@@ -283,6 +283,17 @@ def test_everything_on_resume_is_bit_identical_including_a_signal_during_evaluat
     same_run(whole.path, run.path)
 
 
+def test_a_compiled_run_resumes_bit_identical(tmp_path):
+    """compile=true (torch.compile of the update and the optimizer step): a run stopped and resumed, which
+    rebuilds the optimizer state the compiled step works on, ends as the run that was never stopped."""
+    whole = Trainer(cartpole_cfg(tmp_path / "whole", "compile=true"), progress=False).train()
+    parts_cfg = cartpole_cfg(tmp_path / "parts", "compile=true")
+    assert not Trainer(parts_cfg, progress=False).train(interrupt_at_step=450).is_done
+    run = Trainer(parts_cfg, progress=False).train()
+    assert whole.is_done and run.is_done
+    same_run(whole.path, run.path)
+
+
 def test_evaluation_is_a_pure_function_of_weights_and_index(tmp_path):
     """IQN draws quantile fractions from torch's RNG while acting: evaluation must neither depend on nor move
     the training stream."""
