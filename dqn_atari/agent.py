@@ -133,6 +133,7 @@ class Agent:
         self.target = copy.deepcopy(self.online)
         self.target.requires_grad_(False)
         self.optimizer = make_optimizer(self.online.parameters(), cfg)
+        self._loss = compiled_fn(update_loss) if cfg.compile else update_loss
         # Acting randomness (epsilon draws and random actions) has its own stream, saved in checkpoints.
         self.rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0xAC7]))
         self.updates = 0
@@ -184,8 +185,7 @@ class Agent:
             self.target.reset_noise()
         b = self._to_device(batch)
         n = cfg.network
-        loss_fn = compiled_fn(update_loss) if cfg.compile else update_loss
-        loss, priority, q_tm1 = loss_fn(self.online, self.target, b, double=cfg.agent.double, head=n.head,
+        loss, priority, q_tm1 = self._loss(self.online, self.target, b, double=cfg.agent.double, head=n.head,
                                         iqn_num_taus=n.iqn_num_taus, iqn_num_taus_target=n.iqn_num_taus_target,
                                         kappa=n.kappa, reduction=cfg.agent.loss_reduction)
         self.optimizer.zero_grad(set_to_none=True)

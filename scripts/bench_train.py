@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections import deque
 import subprocess
 import sys
 import tempfile
@@ -182,12 +183,17 @@ def cleanrl(root: Path, python: str, game: str, steps: int, capacity: int, devic
     # ale-py >= 0.9 registers its gymnasium envs on import; CleanRL's script does not import it itself.
     runner = (f"import sys, runpy, ale_py; sys.argv = ['dqn_atari.py'] + {argv!r}; "
               f"runpy.run_path({str(script)!r}, run_name='__main__')")
-    proc = subprocess.Popen([python, "-u", "-c", runner], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    # stderr into stdout: a separate pipe that nobody reads while CleanRL runs could fill up and stall it.
+    proc = subprocess.Popen([python, "-u", "-c", runner], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "PYTHONPATH": str(root)})
-    stamps = [time.perf_counter() for line in proc.stdout if line.startswith("SPS:")]
-    err = proc.stderr.read()
-    if proc.wait() != 0:
-        raise SystemExit(f"CleanRL's dqn_atari.py failed (exit {proc.returncode}):\n{err[-2000:]}")
+    stamps, tail = [], deque(maxlen=40)
+    for line in proc.stdout:
+        if line.startswith("SPS:"):
+            stamps.append(time.perf_counter())
+        tail.append(line)
+    if proc.wait() != 0 or len(stamps) < (2 * warm + steps) // 100 - warm // 100:
+        raise SystemExit(f"CleanRL's dqn_atari.py failed (exit {proc.returncode}, {len(stamps)} SPS lines):\n"
+                         + "".join(tail))
     first = warm // 100 - 1  # its print at step 2 * warm: the k-th print (from 0) is at step warm + 100 (k + 1)
     last = first + steps // 100
     return steps / (stamps[last] - stamps[first])
