@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch._inductor.config
 from torch import nn
 
 from dqn_atari.config import Config
@@ -76,6 +75,8 @@ def make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
 def compiled_fn(fn):
     """``fn`` through torch.compile (config ``compile=true``): one compiled function shared by every agent of
     the process, so K runs do not compile K times (modules are passed in, not closed over)."""
+    import torch._inductor.config  # here, not at the top: importing it costs ~2 s, which compile=false need not pay
+
     # Random ops inside a compiled graph (IQN's quantile fractions) draw from torch's generator as eager does.
     torch._inductor.config.fallback_random = True
     return torch.compile(fn)

@@ -251,8 +251,8 @@ class Config:
     """Intra-op CPU threads for torch (0: torch's default). 1 avoids thread thrashing on small CPUs."""
     compile: bool = False
     """Run the learning update (loss, backward, optimizer step) through torch.compile. Same algorithm, same
-    batches; floats agree with the eager update to rounding only. Costs ~20-30 s of compiling at the start of
-    each process (cached on disk after the first) and, on CPU, needs a C++ compiler. See README, Speed."""
+    batches; floats agree with the eager update to rounding only. Costs ~20 s of compiling at the start of
+    a process (~4 s once it is in inductor's disk cache) and, on CPU, needs a C++ compiler. See README, Speed."""
     env: EnvConfig = field(default_factory=EnvConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
