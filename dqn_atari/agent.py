@@ -115,6 +115,13 @@ def update_loss(online: nn.Module, target: nn.Module, b, *, double: bool, head: 
     return loss, out.priority, out.q_tm1
 
 
+def update_loss_args(cfg: Config) -> dict[str, Any]:
+    """The keyword arguments of :func:`update_loss` that come from the config (the same for every update)."""
+    n = cfg.network
+    return dict(double=cfg.agent.double, head=n.head, iqn_num_taus=n.iqn_num_taus,
+                iqn_num_taus_target=n.iqn_num_taus_target, kappa=n.kappa, reduction=cfg.agent.loss_reduction)
+
+
 class Agent:
     """Online and target networks, the optimizer and the acting RNG of one run."""
 
@@ -135,6 +142,7 @@ class Agent:
         self.target.requires_grad_(False)
         self.optimizer = make_optimizer(self.online.parameters(), cfg)
         self._loss = compiled_fn(update_loss) if cfg.compile else update_loss
+        self.loss_args = update_loss_args(cfg)
         # Acting randomness (epsilon draws and random actions) has its own stream, saved in checkpoints.
         self.rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0xAC7]))
         self.updates = 0
@@ -185,10 +193,7 @@ class Agent:
             self.online.reset_noise()
             self.target.reset_noise()
         b = self._to_device(batch)
-        n = cfg.network
-        loss, priority, q_tm1 = self._loss(self.online, self.target, b, double=cfg.agent.double, head=n.head,
-                                        iqn_num_taus=n.iqn_num_taus, iqn_num_taus_target=n.iqn_num_taus_target,
-                                        kappa=n.kappa, reduction=cfg.agent.loss_reduction)
+        loss, priority, q_tm1 = self._loss(self.online, self.target, b, **self.loss_args)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.agent.max_grad_norm > 0:

@@ -29,8 +29,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from dqn_atari.agent import Agent, make_optimizer
-from dqn_atari.losses import td_loss
+from dqn_atari.agent import Agent, make_optimizer, update_loss
 
 
 class _Bound:
@@ -183,12 +182,9 @@ class AgentGroup:
         a0 = self.agents[0]
 
         def loss_fn(params: dict) -> tuple[torch.Tensor, tuple]:
-            out = td_loss(_Bound(a0.online, {**online, **params}), _Bound(a0.target, target), batch,
-                          double=cfg.agent.double, head=cfg.network.head, iqn_num_taus=cfg.network.iqn_num_taus,
-                          iqn_num_taus_target=cfg.network.iqn_num_taus_target, kappa=cfg.network.kappa)
-            weighted = out.loss * batch.weights
-            loss = weighted.sum() if cfg.agent.loss_reduction == "sum" else weighted.mean()
-            return loss, (loss.detach(), out.priority, out.q_tm1)
+            loss, priority, q_tm1 = update_loss(_Bound(a0.online, {**online, **params}), _Bound(a0.target, target),
+                                                batch, **a0.loss_args)
+            return loss, (loss.detach(), priority, q_tm1)
 
         params = {name: online[name] for name in self.param_names}
         grads, aux = grad(loss_fn, has_aux=True)(params)

@@ -34,6 +34,7 @@ from dqn_atari import checkpoint as ckpt
 from dqn_atari.cli import build_config, main
 from dqn_atari.replay import ReplayBuffer, available_memory_bytes
 from dqn_atari.train import Trainer
+from same_run import assert_same_run
 
 ROOT = Path(__file__).resolve().parent.parent
 CARTPOLE = "configs/control/cartpole.yaml"
@@ -66,22 +67,6 @@ def snapshot(directory: Path) -> dict[str, str]:
     """sha256 of every file under ``directory`` (to show nothing already written changed)."""
     return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(Path(directory).rglob("*")) if p.is_file()}
-
-
-def same_run(a: Path, b: Path) -> None:
-    """Final weights and train/eval CSVs (all columns but wall_time) are identical."""
-    for name in ("train.csv", "eval.csv"):
-        rows = []
-        for run in (a, b):
-            lines = (run / name).read_text().splitlines()
-            assert len(lines) > 1, f"{run / name} has no rows: nothing would be compared"
-            keep = [i for i, h in enumerate(lines[0].split(",")) if h != "wall_time"]
-            rows.append([[line.split(",")[i] for i in keep] for line in lines])
-        assert rows[0] == rows[1], name
-    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        np.testing.assert_array_equal(wa[key], wb[key], err_msg=key)
 
 
 @pytest.fixture(autouse=True)
@@ -280,7 +265,7 @@ def test_everything_on_resume_is_bit_identical_including_a_signal_during_evaluat
     assert ckpt.generations(run.path / "checkpoints")[0].name == "step_000000001002"
     run = Trainer(parts_cfg, progress=False).train()
     assert run.is_done
-    same_run(whole.path, run.path)
+    assert_same_run(whole.path, run.path)
 
 
 def test_a_compiled_run_resumes_bit_identical(tmp_path):
@@ -291,7 +276,7 @@ def test_a_compiled_run_resumes_bit_identical(tmp_path):
     assert not Trainer(parts_cfg, progress=False).train(interrupt_at_step=450).is_done
     run = Trainer(parts_cfg, progress=False).train()
     assert whole.is_done and run.is_done
-    same_run(whole.path, run.path)
+    assert_same_run(whole.path, run.path)
 
 
 def test_evaluation_is_a_pure_function_of_weights_and_index(tmp_path):
@@ -425,7 +410,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(run_copy, tm
     # The run repeated steps 401..450 from the good generation and ended like an uninterrupted run.
     whole = tmp_path / "whole"
     assert main(cartpole_argv(whole)) == 0
-    same_run(run_path(whole), run_path(run_copy))
+    assert_same_run(run_path(whole), run_path(run_copy))
 
 
 @pytest.mark.parametrize("prioritized", [False, True])

@@ -24,6 +24,7 @@ from dqn_atari import checkpoint as ckpt
 from dqn_atari.agent_group import AgentGroup
 from dqn_atari.cli import build_config, main
 from dqn_atari.train import Trainer, train, train_runs
+from same_run import assert_same_run
 
 ROOT = Path(__file__).resolve().parent.parent
 CARTPOLE = ROOT / "configs" / "control" / "cartpole.yaml"
@@ -57,25 +58,6 @@ def run_dir(root: Path, seed: int, game: str = "CartPole") -> Path:
     return root / "nature_dqn" / game / f"seed{seed}"
 
 
-def logs(path: Path, name: str) -> list[list[str]]:
-    lines = (path / name).read_text().splitlines()
-    assert len(lines) > 1, f"{path / name} has no rows: the test would compare nothing"
-    keep = [i for i, h in enumerate(lines[0].split(",")) if h != "wall_time"]
-    return [[line.split(",")[i] for i in keep] for line in lines]
-
-
-def assert_same_run(a: Path, b: Path, exact: bool = False) -> None:
-    for name in ("train.csv", "eval.csv"):
-        assert logs(a, name) == logs(b, name), f"{name} of {a} and {b} differ"
-    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        if exact:
-            np.testing.assert_array_equal(wa[key], wb[key], err_msg=f"{a} vs {b}: {key}")
-        else:
-            np.testing.assert_allclose(wa[key], wb[key], err_msg=f"{a} vs {b}: {key}", **TOLERANCE)
-
-
 def test_k_cartpole_runs_in_one_process_equal_single_runs(tmp_path):
     seeds = (1, 2, 3)
     for seed in seeds:
@@ -86,7 +68,7 @@ def test_k_cartpole_runs_in_one_process_equal_single_runs(tmp_path):
         path = run_dir(tmp_path / "together", seed)
         assert all((path / name).exists() for name in RUN_FILES) and not (path / "checkpoints").exists()
         assert f"seed: {seed}" in (path / "config.yaml").read_text()
-        assert_same_run(run_dir(tmp_path / "alone", seed), path)
+        assert_same_run(run_dir(tmp_path / "alone", seed), path, tolerance=TOLERANCE)
     # Independent runs: different seeds learned different weights.
     w1, w2 = (load_file(str(run_dir(tmp_path / "together", s) / "model.safetensors")) for s in (1, 2))
     assert any(not np.allclose(w1[k], w2[k]) for k in w1)
@@ -106,7 +88,8 @@ def test_k_atari_runs_in_one_process_equal_single_runs(tmp_path, monkeypatch, ba
     for seed in (1, 2):
         together = run_dir(tmp_path / "together", seed, "Breakout")
         assert all((together / name).exists() for name in RUN_FILES)
-        assert_same_run(run_dir(tmp_path / "alone", seed, "Breakout"), together, exact=not batched)
+        assert_same_run(run_dir(tmp_path / "alone", seed, "Breakout"), together,
+                        tolerance=TOLERANCE if batched else None)
 
 
 def test_every_switch_trains_together_as_alone_and_resumes(tmp_path):
@@ -126,7 +109,7 @@ def test_every_switch_trains_together_as_alone_and_resumes(tmp_path):
     runs = train_runs(parts, progress=False)
     assert all(r.is_done for r in runs)
     for seed in seeds:
-        assert_same_run(run_dir(tmp_path / "alone", seed), run_dir(tmp_path / "parts", seed))
+        assert_same_run(run_dir(tmp_path / "alone", seed), run_dir(tmp_path / "parts", seed), tolerance=TOLERANCE)
 
 
 def test_a_diverging_run_stops_alone_with_a_clear_error(tmp_path, monkeypatch, capsys):
@@ -161,7 +144,7 @@ def test_a_diverging_run_stops_alone_with_a_clear_error(tmp_path, monkeypatch, c
         assert (run_dir(root, seed) / "DONE").exists()
         alone = tmp_path / "alone"
         train(cartpole(alone, seed, "train.log_period_steps=50"), progress=False)
-        assert_same_run(run_dir(alone, seed), run_dir(root, seed))
+        assert_same_run(run_dir(alone, seed), run_dir(root, seed), tolerance=TOLERANCE)
 
 
 def test_runs_that_cannot_share_a_process_are_refused(tmp_path):

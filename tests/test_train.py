@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
 from dqn_atari.cli import build_config, main
 from dqn_atari.config import ConfigError
 from dqn_atari.train import Trainer, epsilon_at, train
+from same_run import assert_same_run
 
 ROOT = Path(__file__).resolve().parent.parent
 NATURE = ROOT / "configs" / "nature_dqn.yaml"
@@ -56,27 +55,6 @@ def test_replay_ratio_and_target_period_are_kept_with_several_envs(tmp_path):
 # test_variant_learns_cartpole[nature_dqn], with every other variant beside it.
 
 
-def _run_files(run_dir: Path) -> dict:
-    out = {"weights": load_file(str(run_dir / "model.safetensors"))}
-    for name in ("train.csv", "eval.csv"):
-        text = (run_dir / name).read_text().splitlines()
-        assert len(text) > 1, f"{run_dir / name} has no rows: the test would compare nothing"
-        header = text[0].split(",")
-        # wall_time is the only column allowed to differ.
-        keep = [i for i, h in enumerate(header) if h != "wall_time"]
-        out[name] = [[row.split(",")[i] if i < len(row.split(",")) else "" for i in keep] for row in text]
-    return out
-
-
-def _assert_same_run(a: Path, b: Path) -> None:
-    fa, fb = _run_files(a), _run_files(b)
-    assert fa["train.csv"] == fb["train.csv"]
-    assert fa["eval.csv"] == fb["eval.csv"]
-    assert fa["weights"].keys() == fb["weights"].keys()
-    for k in fa["weights"]:
-        np.testing.assert_array_equal(fa["weights"][k], fb["weights"][k])
-
-
 @pytest.mark.parametrize("kind", ["cartpole", "atari"])
 def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, kind):
     make = cartpole_config if kind == "cartpole" else atari_config
@@ -90,7 +68,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, kind):
         assert not run.is_done
     run = train(parts, progress=False)
     assert run.is_done
-    _assert_same_run(Trainer(whole, progress=False).run.path, run.path)
+    assert_same_run(Trainer(whole, progress=False).run.path, run.path)
 
 
 def test_resuming_with_a_different_config_is_refused(tmp_path):
@@ -147,7 +125,7 @@ def test_reproduce_parallel_trains_every_seed_in_one_process_and_reports_them(tm
     together = tmp_path / "together" / "runs" / "nature_dqn" / "Pong"
     for seed in (1, 2):
         assert (together / f"seed{seed}" / "DONE").exists()
-    _assert_same_run(tmp_path / "alone" / "runs" / "nature_dqn" / "Pong" / "seed2", together / "seed2")
+    assert_same_run(tmp_path / "alone" / "runs" / "nature_dqn" / "Pong" / "seed2", together / "seed2")
     report = (tmp_path / "together" / "reports" / "nature_dqn" / "Pong.md").read_text()
     assert "seeds: 2 (1, 2)" in report
 

@@ -28,8 +28,8 @@ from dqn_atari.analysis.scores import (
     SCORE_KINDS,
     RunRecord,
     Setting,
-    load_runs,
     per_game_hns,
+    require_runs,
     run_table,
     settings_in,
 )
@@ -294,10 +294,7 @@ def write_plots(
 ) -> list[Path]:
     """Draw every figure; returns the paths written. Raises ValueError when there are no finished runs."""
     reference = load_reference(reference_root)
-    records = load_runs(runs_root, variants, games)
-    if not records:
-        raise ValueError(f"no finished runs under {runs_root} (variants={variants}, games={games}); "
-                         "train some first, e.g. `make reproduce`")
+    records = require_runs(runs_root, variants, games)
     out_dir = Path(out_dir)
     paths = plot_learning_curves(records, reference, out_dir)
     paths += plot_aggregate_hns(records, reference, out_dir, reps=max(100, reps // 2))

@@ -117,6 +117,19 @@ def load_runs(
     return records
 
 
+def require_runs(
+    runs_root: str | Path = DEFAULT_RUNS_ROOT,
+    variants: list[str] | None = None,
+    games: list[str] | None = None,
+) -> list[RunRecord]:
+    """``load_runs``, with a ValueError that says what to do when there is no finished run to analyse."""
+    records = load_runs(runs_root, variants, games)
+    if not records:
+        raise ValueError(f"no finished runs under {runs_root} (variants={variants}, games={games}); "
+                         "train some first, e.g. `make reproduce`")
+    return records
+
+
 def run_table(records: list[RunRecord], reference: Reference) -> pd.DataFrame:
     """One row per run: setting, game, seed, final/best raw scores and HNS (standard table)."""
     rows = [

@@ -26,8 +26,8 @@ from dqn_atari.analysis.scores import (
     DEFAULT_RUNS_ROOT,
     SCORE_KINDS,
     Setting,
-    load_runs,
     per_game_hns,
+    require_runs,
     run_table,
     settings_in,
     summarize,
@@ -254,10 +254,7 @@ def write_tables(
 ) -> list[Path]:
     """Write every table; returns the paths written. Raises ValueError when there are no finished runs."""
     reference = load_reference(reference_root)
-    records = load_runs(runs_root, variants, games)
-    if not records:
-        raise ValueError(f"no finished runs under {runs_root} (variants={variants}, games={games}); "
-                         "train some first, e.g. `make reproduce`")
+    records = require_runs(runs_root, variants, games)
     out_dir = Path(out_dir)
     runs = run_table(records, reference)
     summary = summarize(runs)
