@@ -25,7 +25,7 @@ SWEEP ?=
 MAX_PARALLEL ?=
 SWEEP_OPTS ?=
 
-.PHONY: install test test-fast reproduce smoke ablations tables plots sweep status bench bench-env bench-replay bench-train faults her clean-smoke
+.PHONY: install test test-fast reproduce smoke ablations tables plots sweep status bench bench-env bench-replay bench-train gpu-wheels faults her clean-smoke
 
 install: $(STAMP)
 
@@ -81,6 +81,15 @@ bench-train: install
 	$(PY) scripts/bench_train.py $(BENCH_TRAIN_ARGS)
 
 bench: bench-env bench-replay bench-train
+
+# Wheels for a GPU machine whose Python 3.12 has torch but no ale-py or gymnasium (scripts/gpu_bench.sh installs
+# them from .whl/ there). The versions are this environment's, so both machines run the same emulator.
+GPU_WHEELS := ale-py gymnasium farama-notifications
+gpu-wheels: install
+	rm -rf .whl && $(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl \
+		$$(for p in $(GPU_WHEELS); do echo "$$p==$$($(PY) -m pip show $$p | sed -n 's/^Version: //p')"; done)
 
 # Hindsight experience replay's bit-flipping experiment (Andrychowicz et al. 2017, Fig. 1): DQN with and without
 # HER for each number of bits and seed, then results/reports/her/bitflip.{png,md,csv}. About 17 minutes on 2 idle cores.

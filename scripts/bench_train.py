@@ -20,6 +20,10 @@ CleanRL pins gymnasium 0.29 and ale-py 0.8; ale-py 0.9 also works with it and sh
     python3 -m venv cr && cr/bin/pip install torch gymnasium==0.29.1 ale-py==0.9.0 tyro tensorboard opencv-python
     python scripts/bench_train.py --cleanrl path/to/cleanrl --cleanrl-python cr/bin/python
 
+The update's floating-point work is counted (torch's FLOP counter) and set against this machine's dense
+matrix-product rate, timed after each timed update: how close the update's convolutions run to what the
+processor can do.
+
 (c) trains seeds 1..K of the same config together (dqn_atari.agent_group): one batched network evaluation
 for acting and one batched update per training step, each run still one batch of 32 every 4 of its steps.
 """
@@ -41,7 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dqn_atari.agent import resolve_device  # noqa: E402
+from dqn_atari.agent import resolve_device, update_loss  # noqa: E402
 from dqn_atari.agent_group import AgentGroup  # noqa: E402
 from dqn_atari.cli import build_config  # noqa: E402
 from dqn_atari.envs import display_name, make_env, resolve_game  # noqa: E402
@@ -95,15 +99,52 @@ def ours(game: str, steps: int, capacity: int, device: str, tmp: Path, k: int = 
         t0 = time.perf_counter()
         group.act(obs, [0.0] * k)
         act.append(time.perf_counter() - t0)
-    upd = []
+    # Each update is followed by a dense matrix product of the same machine, so that the two rates compare at
+    # the same moments (this machine's speed drifts).
+    upd, matmul = [], []
+    product = matmul_timer(trainers[0].agent.device)
     for _ in range(30):
         batches = [t.replay.sample(32) for t in trainers]
         t0 = time.perf_counter()
         out = group.update(batches)
         float(out[-1][0]["loss"])  # waits for the device
         upd.append(time.perf_counter() - t0)
+        matmul.append(product())
     return {"steps_per_s": k * steps / elapsed, "act_ms": 1e3 * float(np.median(act)),
-            "update_ms": 1e3 * float(np.median(upd))}
+            "update_ms": 1e3 * float(np.median(upd)), "update_gflop": k * update_gflop(trainers[0]),
+            "matmul_gflops": float(np.median(matmul))}
+
+
+def update_gflop(trainer: Trainer) -> float:
+    """Floating-point work of one update of ``trainer``'s agent (its loss, with the target network's forward
+    pass, and the backward pass), counted by torch's FLOP counter on one replay batch: convolutions and matrix
+    products, which are nearly all of it. The weights are left as they were."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    agent = trainer.agent
+    batch = agent._to_device(trainer.replay.sample(trainer.cfg.train.batch_size))
+    with FlopCounterMode(display=False) as counter:
+        loss, _, _ = update_loss(agent.online, agent.target, batch, **agent.loss_args)  # eager, whatever compile says
+        loss.backward()
+    agent.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_timer(device: torch.device, n: int = 1024):
+    """A function that times one dense float32 n x n matrix product on ``device`` and returns its rate in
+    GFLOP/s: the rate the update's convolutions and matrix products could reach at best, on the threads torch
+    uses."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b  # the first product sets up the library's work space
+
+    def product() -> float:
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return 2 * n**3 / (time.perf_counter() - t0) / 1e9
+
+    return product
 
 
 def plain_loop(game: str, steps: int, capacity: int, device: str, warm: int = 1000) -> float:
@@ -238,6 +279,10 @@ def main() -> None:
                 print(f"CleanRL dqn_atari.py:                  {cr:8.1f} agent steps/s "
                       f"(round {r + 1}/{args.rounds}: ratio {stats['steps_per_s'] / cr:.2f})", flush=True)
         ratio_to_plain, ours_stats, plain = sorted(rounds, key=lambda x: x[0])[len(rounds) // 2]
+        matmul = ours_stats["matmul_gflops"]
+        update_rate = ours_stats["update_gflop"] / ours_stats["update_ms"] * 1e3
+        print(f"update: {ours_stats['update_gflop']:.2f} GFLOP in {ours_stats['update_ms']:.1f} ms = {update_rate:.0f} "
+              f"GFLOP/s; dense matrix product here: {matmul:.0f} GFLOP/s (ratio {update_rate / matmul:.2f})", flush=True)
         env_k = env_alone(args.game, max(2000, args.steps), args.k)
         print(f"{args.k} envs alone, stepped together:      {env_k:8.1f} agent steps/s (all envs)", flush=True)
         k_stats = ours(args.game, args.steps, args.capacity, args.device, Path(tmp), args.k, args.warm, args.compile)
@@ -249,6 +294,8 @@ def main() -> None:
         "compile": args.compile, "timed_steps": args.steps, "warm_steps": args.warm, "replay_capacity": args.capacity, "machine": machine_info(),
         "env_alone_steps_per_s": env_rate, "one_run_steps_per_s": ours_stats["steps_per_s"],
         "plain_loop_steps_per_s": plain, "act_ms": ours_stats["act_ms"], "update_ms": ours_stats["update_ms"],
+        "update_gflop": ours_stats["update_gflop"], "update_gflops": update_rate, "matmul_gflops": matmul,
+        "ratio_update_gflops_to_matmul": update_rate / matmul,
         "ratio_one_run_to_env_alone": ours_stats["steps_per_s"] / env_rate,
         "ratio_one_run_to_plain_loop": ratio_to_plain,
         "ratio_one_run_to_plain_loop_rounds": [x[0] for x in rounds],
