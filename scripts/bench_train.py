@@ -111,8 +111,8 @@ def ours(game: str, steps: int, capacity: int, device: str, tmp: Path, k: int = 
         upd.append(time.perf_counter() - t0)
         matmul.append(product())
     return {"steps_per_s": k * steps / elapsed, "act_ms": 1e3 * float(np.median(act)),
-            "update_ms": 1e3 * float(np.median(upd)), "update_gflop": k * update_gflop(trainers[0]),
-            "matmul_gflops": float(np.median(matmul))}
+            "update_ms": 1e3 * float(np.median(upd)), "matmul_gflop_per_s": float(np.median(matmul)),
+            **({"update_gflop": update_gflop(trainers[0])} if k == 1 else {})}
 
 
 def update_gflop(trainer: Trainer) -> float:
@@ -130,19 +130,25 @@ def update_gflop(trainer: Trainer) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def matmul_timer(device: torch.device, n: int = 1024):
-    """A function that times one dense float32 n x n matrix product on ``device`` and returns its rate in
-    GFLOP/s: the rate the update's convolutions and matrix products could reach at best, on the threads torch
-    uses."""
+def matmul_timer(device: torch.device):
+    """A function that times dense float32 matrix products on ``device`` and returns their rate in GFLOP/s: on
+    CPU one 1024 x 1024 product, about the rate the update's convolutions and matrix products could reach at
+    best on the threads torch uses. On a GPU, 5 products of 4096 x 4096 between synchronisations (a small one
+    would time its launch); there cuDNN may run the convolutions in TF32, which this product does not use
+    (torch's default), so the update's rate is not bounded by it."""
+    n, repeats = (4096, 5) if device.type == "cuda" else (1024, 1)
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b  # the first product sets up the library's work space
 
     def product() -> float:
-        t0 = time.perf_counter()
-        a @ b
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return 2 * n**3 / (time.perf_counter() - t0) / 1e9
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return repeats * 2 * n**3 / (time.perf_counter() - t0) / 1e9
 
     return product
 
@@ -255,6 +261,8 @@ def main() -> None:
     parser.add_argument("--cleanrl", type=Path, help="a CleanRL checkout: also time its dqn_atari.py each round")
     parser.add_argument("--cleanrl-python", default=sys.executable,
                         help="the Python of CleanRL's environment (default: this one)")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "benchmarks" / "bench_train.json",
+                        help="where the JSON goes (default: results/benchmarks/bench_train.json)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -279,7 +287,7 @@ def main() -> None:
                 print(f"CleanRL dqn_atari.py:                  {cr:8.1f} agent steps/s "
                       f"(round {r + 1}/{args.rounds}: ratio {stats['steps_per_s'] / cr:.2f})", flush=True)
         ratio_to_plain, ours_stats, plain = sorted(rounds, key=lambda x: x[0])[len(rounds) // 2]
-        matmul = ours_stats["matmul_gflops"]
+        matmul = ours_stats["matmul_gflop_per_s"]
         update_rate = ours_stats["update_gflop"] / ours_stats["update_ms"] * 1e3
         print(f"update: {ours_stats['update_gflop']:.2f} GFLOP in {ours_stats['update_ms']:.1f} ms = {update_rate:.0f} "
               f"GFLOP/s; dense matrix product here: {matmul:.0f} GFLOP/s (ratio {update_rate / matmul:.2f})", flush=True)
@@ -294,14 +302,16 @@ def main() -> None:
         "compile": args.compile, "timed_steps": args.steps, "warm_steps": args.warm, "replay_capacity": args.capacity, "machine": machine_info(),
         "env_alone_steps_per_s": env_rate, "one_run_steps_per_s": ours_stats["steps_per_s"],
         "plain_loop_steps_per_s": plain, "act_ms": ours_stats["act_ms"], "update_ms": ours_stats["update_ms"],
-        "update_gflop": ours_stats["update_gflop"], "update_gflops": update_rate, "matmul_gflops": matmul,
-        "ratio_update_gflops_to_matmul": update_rate / matmul,
+        "update_gflop": ours_stats["update_gflop"], "update_gflop_per_s": update_rate, "matmul_gflop_per_s": matmul,
+        "ratio_update_rate_to_matmul": update_rate / matmul,
         "ratio_one_run_to_env_alone": ours_stats["steps_per_s"] / env_rate,
         "ratio_one_run_to_plain_loop": ratio_to_plain,
         "ratio_one_run_to_plain_loop_rounds": [x[0] for x in rounds],
-        **({"cleanrl_steps_per_s": sorted(cleanrl_rounds)[len(cleanrl_rounds) // 2][1],
-            "ratio_one_run_to_cleanrl": sorted(cleanrl_rounds)[len(cleanrl_rounds) // 2][0],
-            "ratio_one_run_to_cleanrl_rounds": [x[0] for x in cleanrl_rounds]} if cleanrl_rounds else {}),
+        "one_run_steps_per_s_rounds": [x[1]["steps_per_s"] for x in rounds],
+        "plain_loop_steps_per_s_rounds": [x[2] for x in rounds],
+        **({"ratio_one_run_to_cleanrl": sorted(cleanrl_rounds)[len(cleanrl_rounds) // 2][0],
+            "ratio_one_run_to_cleanrl_rounds": [x[0] for x in cleanrl_rounds],
+            "cleanrl_steps_per_s_rounds": [x[1] for x in cleanrl_rounds]} if cleanrl_rounds else {}),
         "k": args.k, "k_envs_alone_steps_per_s": env_k, "k_runs_per_process_steps_per_s": k_runs,
         "k_runs_act_ms": k_stats["act_ms"], "k_runs_update_ms": k_stats["update_ms"],
         "ratio_k_runs_update_ms_to_one_run": k_stats["update_ms"] / ours_stats["update_ms"],
@@ -309,7 +319,9 @@ def main() -> None:
         "ratio_k_runs_to_env_alone": k_runs / env_rate,
         "ratio_k_runs_to_k_envs_alone": k_runs / env_k,
         "note": "agent steps/s after warm-up with learning on (one batch of 32 every 4 agent steps per run); "
-                "one run and the plain loop: the median of alternating rounds (by their ratio); "
+                "each ratio to a baseline is the median of the rounds' ratios (per-round figures in *_rounds); "
+                "one_run_steps_per_s, plain_loop_steps_per_s, act_ms and update_ms are of the round with the "
+                "median ratio to the plain loop; "
                 "k runs: aggregate over the k runs of one process. Ratios are within this one command; "
                 "absolute numbers depend on the machine and its load.",
         "command": "python scripts/bench_train.py " + " ".join(sys.argv[1:]),
@@ -319,7 +331,7 @@ def main() -> None:
           f"{args.k} runs / one run = {result['ratio_k_runs_to_one_run']:.2f}, "
           f"{args.k} runs / env alone = {result['ratio_k_runs_to_env_alone']:.2f}, "
           f"{args.k} runs / {args.k} envs alone = {result['ratio_k_runs_to_k_envs_alone']:.3f}")
-    finish(result, ROOT / "results" / "benchmarks" / "bench_train.json")
+    finish(result, args.out)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
+import pytest
 import torch
+
+# Helper modules the tests import: their asserts get pytest's detailed failure messages too.
+pytest.register_assert_rewrite("same_run")
 
 # One intra-op thread: the suite's networks are small, and OpenMP threads that spin while the emulator's
 # thread (or another process) holds the second core slow small ops down by orders of magnitude.

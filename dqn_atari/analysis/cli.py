@@ -11,7 +11,7 @@ from pathlib import Path
 from dqn_atari.analysis.plots import DEFAULT_FIGURES_DIR, write_plots
 from dqn_atari.analysis.reference import DEFAULT_REFERENCE_ROOT
 from dqn_atari.analysis.report import DEFAULT_REPORTS_DIR, write_game_report
-from dqn_atari.analysis.scores import DEFAULT_RUNS_ROOT, load_runs
+from dqn_atari.analysis.scores import DEFAULT_RUNS_ROOT, require_runs
 from dqn_atari.analysis.tables import DEFAULT_TABLES_DIR, write_tables
 
 
@@ -69,9 +69,7 @@ def report_main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     def reports() -> list[Path]:
-        pairs = sorted({(r.variant, r.game) for r in load_runs(a.runs, a.variant, a.game)})
-        if not pairs:
-            raise ValueError(f"no finished runs under {a.runs} (variants={a.variant}, games={a.game})")
+        pairs = sorted({(r.variant, r.game) for r in require_runs(a.runs, a.variant, a.game)})
         return [path for v, g in pairs for path in write_game_report(v, g, a.runs, a.reference, a.out)]
 
     return _run(reports)
