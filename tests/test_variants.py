@@ -239,17 +239,17 @@ def test_variant_learns_cartpole(variant, tmp_path, record_property):
     Intel Xeon and not at all on an AMD EPYC, where seeds 2 and 3 solved at 40,000 and 30,000 steps). A variant
     that does not learn solves with none of them. The table of steps to solve is printed at the end of the
     session (tests/conftest.py)."""
+    cfg = cartpole_config(variant, tmp_path)
+    # The layer keeps the variant's switches (it only sizes the task): what is tested is the variant.
     paper = load_config(CONFIGS / f"{variant}.yaml")
+    for field in ("network.head", "network.dueling", "network.noisy", "agent.double", "agent.n_step",
+                  "replay.prioritized"):
+        section, name = field.split(".")
+        assert getattr(getattr(cfg, section), name) == getattr(getattr(paper, section), name), field
     start, start_cpu = time.perf_counter(), time.process_time()
     tries = []
     for seed in CARTPOLE_SEEDS:
-        cfg = cartpole_config(variant, tmp_path / f"seed{seed}", f"seed={seed}")
-        # The layer keeps the variant's switches (it only sizes the task): what is tested is the variant.
-        for field in ("network.head", "network.dueling", "network.noisy", "agent.double", "agent.n_step",
-                      "replay.prioritized"):
-            section, name = field.split(".")
-            assert getattr(getattr(cfg, section), name) == getattr(getattr(paper, section), name), field
-        step, evals = train_until_solved(cfg)
+        step, evals = train_until_solved(cartpole_config(variant, tmp_path / f"seed{seed}", f"seed={seed}"))
         tries.append(f"seed {seed}: {evals}")
         if step is not None:
             break
