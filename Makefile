@@ -25,7 +25,7 @@ SWEEP ?=
 MAX_PARALLEL ?=
 SWEEP_OPTS ?=
 
-.PHONY: install test test-fast reproduce smoke ablations tables plots sweep status bench bench-env bench-replay bench-train gpu-wheels faults her clean-smoke
+.PHONY: install test test-fast reproduce smoke ablations tables plots sweep status bench bench-env bench-replay bench-train gpu-wheels faults her
 
 install: $(STAMP)
 

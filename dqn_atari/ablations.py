@@ -177,7 +177,7 @@ def _parse_seeds(text: str) -> list[int]:
 
 def ablations_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m dqn_atari.ablations",
+        prog="python -m dqn_atari ablations",
         description="Train Rainbow and its six ablations (Hessel et al. 2018, Fig. 3) on one game, resuming "
                     "unfinished runs, then draw the ablation figure and table under <results>/reports/ablations/.")
     parser.add_argument("--game", default="Breakout", help="game name (default Breakout)")

@@ -277,6 +277,8 @@ def _verify_replay_chunks(replay_dir: Path) -> None:
     manifest = read_manifest(replay_dir)
     for name, entry in manifest.get("arrays", {}).items():
         for chunk in entry["chunks"]:
+            if chunk["file"] is None:  # rows not written yet: all zeros, no file
+                continue
             path = replay_dir / chunk["file"]
             try:
                 array = np.load(path, mmap_mode="r", allow_pickle=False)

@@ -21,7 +21,7 @@ def _keys_help() -> str:
     for key, default, doc in describe_fields():
         lines.append(f"  {key} (default {default})")
         if doc:
-            lines.extend("      " + line for line in textwrap.wrap(doc, 96))
+            lines.extend("      " + line for line in textwrap.wrap(" ".join(doc.split()), 96))
     return "\n".join(lines)
 
 
@@ -81,16 +81,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     bad = [o for o in args.options if "=" not in o]
     if unknown or bad:
         raise ConfigError(f"evaluate takes episodes=N, epsilon=E, seed=S and video=PATH.mp4; got {sorted(unknown) + bad}.")
-    evaluate_run(Path(args.run_dir), episodes=int(options.get("episodes", 0)) or None,
-                 video=options.get("video"), epsilon=float(options["epsilon"]) if "epsilon" in options else None,
-                 seed=int(options.get("seed", 0)))
+
+    def number(key: str, kind: type, default=None):
+        if key not in options:
+            return default
+        try:
+            return kind(options[key])
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise ConfigError(f"evaluate: {key}={options[key]!r} is not {what}.") from None
+
+    evaluate_run(Path(args.run_dir), episodes=number("episodes", int) or None, video=options.get("video"),
+                 epsilon=number("epsilon", float), seed=number("seed", int, 0))
     return 0
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from dqn_atari.train import train
 
-    seeds = [int(s) for s in args.seeds.replace(",", " ").split()] or [1]
+    from dqn_atari.sweep import parse_seeds
+
+    seeds = parse_seeds(args.seeds) if args.seeds.strip() else [1]
     config_path = find_variant_config(args.variant)
     extra: dict = {"env": {"game": args.game}}
     frames = parse_frames(args.frames)
@@ -153,7 +164,7 @@ def make_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_keys_help())
     p.add_argument("--game", default="Breakout")
     p.add_argument("--variant", default="nature_dqn")
-    p.add_argument("--seeds", default="1 2 3")
+    p.add_argument("--seeds", default="1 2 3", help='seeds, e.g. "1 2 3" or 1-5 (default "1 2 3")')
     p.add_argument("--frames", default="", help="training budget in frames (default: the config's)")
     p.add_argument("--smoke", action="store_true", help="tiny budget (configs/smoke.yaml), results under results/smoke/")
     p.add_argument("--parallel", action="store_true",

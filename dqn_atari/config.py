@@ -216,11 +216,13 @@ class EvalConfig:
     episodes: int = 30
     """Evaluation episodes (Nature 2015, Methods: 30)."""
     max_steps: int = 125_000
-    """Agent-step budget of one evaluation; episodes unfinished when it runs out are dropped (DeepMind's code: 125,000)."""
+    """Agent-step budget of one periodic evaluation; episodes unfinished when it runs out are dropped (DeepMind's
+    code: 125,000). The final evaluation has none: it plays all ``episodes`` to their end (Nature 2015, Methods)."""
     max_episode_frames: int = 18_000
     """Episode cap in evaluation (Nature 2015, Methods: 5 minutes = 18,000 frames)."""
     num_envs: int = 8
-    """Evaluation environments stepped together. Speed only: each episode is independent and seeded."""
+    """Evaluation environments stepped together. Speed only: the episodes counted are the first ``episodes`` to
+    start, whatever their length (see dqn_atari.train.evaluate)."""
 
     def __post_init__(self) -> None:
         _check(self.period_steps >= 1, f"eval.period_steps must be >= 1, got {self.period_steps}.")
@@ -259,6 +261,11 @@ class Config:
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device) is not None,
+               f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}.")
+        _check(self.torch_threads >= 0, f"torch_threads must be >= 0 (0: torch's default), got {self.torch_threads}.")
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))
@@ -445,6 +452,8 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
         configs = sorted(p.stem for p in Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
         hint = f" Available in configs/: {', '.join(configs)}." if configs else ""
         raise ConfigError(f"Config file {str(path)!r} does not exist.{hint}")
+    if path.is_dir():
+        raise ConfigError(f"{str(path)!r} is a directory; give a YAML config file, e.g. configs/nature_dqn.yaml.")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

@@ -191,8 +191,8 @@ def her_main(argv: Sequence[str] | None = None) -> int:
 
     started = time.perf_counter()
     try:
-        bits = [int(b) for b in args.bits.replace(",", " ").split()]
-        episodes = int(args.episodes) if str(args.episodes).strip() else DEFAULT_EPISODES
+        bits = _integers("--bits", args.bits)
+        episodes = _integers("--episodes", args.episodes)[0] if str(args.episodes).strip() else DEFAULT_EPISODES
         configs = her_configs(bits, parse_seeds(args.seeds), episodes, args.overrides)
         if not train_all(configs, args.workers, progress=not args.no_progress):
             print("A run stopped before its budget; re-run the same command to resume.")
@@ -208,6 +208,13 @@ def her_main(argv: Sequence[str] | None = None) -> int:
     print(f"Table: {md} and {csv}\nFigure: {png}\n({len(configs)} runs, {(time.perf_counter() - started) / 60:.1f} "
           f"minutes)")
     return 0
+
+
+def _integers(option: str, text: str) -> list[int]:
+    try:
+        return [int(word) for word in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"{option} takes whole numbers (several separated by spaces); got {text!r}.") from None
 
 
 if __name__ == "__main__":

@@ -361,7 +361,9 @@ def build_network(obs_shape: tuple[int, ...], num_actions: int, *, torso: str = 
     obs_shape = tuple(int(d) for d in obs_shape)
     if torso == "nature_cnn":
         if len(obs_shape) != 3:
-            raise ValueError(f"nature_cnn needs obs_shape (C, H, W) such as (4, 84, 84), got {obs_shape}.")
+            raise ValueError(f"nature_cnn needs obs_shape (C, H, W) such as (4, 84, 84), got {obs_shape}: the env's "
+                             f"observations are vectors. For CartPole train configs/control/cartpole.yaml (an MLP "
+                             f"torso, settings scaled to the task), or set network.torso=mlp.")
         if min(obs_shape[1:]) < 36:
             raise ValueError(f"nature_cnn needs frames of at least 36x36 (84x84 in the paper), got {obs_shape[1:]}.")
     else:

@@ -59,6 +59,17 @@ class RunDirError(ValueError):
     """A run directory is missing a file or holds a file that cannot be read back."""
 
 
+def _read_mapping(path: Path, parse, parse_error: type[Exception], valid: str, mapping: str) -> dict[str, Any]:
+    """``parse`` of ``path``'s text, which must be a mapping; a RunDirError naming the file otherwise."""
+    try:
+        value = parse(path.read_text())
+    except parse_error as err:
+        raise RunDirError(f"{path} is not {valid}: {err}") from err
+    if not isinstance(value, dict):
+        raise RunDirError(f"{path} should hold {mapping}, found {type(value).__name__}")
+    return value
+
+
 class RunDir:
     """Writer and reader for one run's directory (see module docstring for the layout)."""
 
@@ -173,13 +184,7 @@ class RunDir:
         path = self.path / self.CONFIG
         if not path.is_file():
             raise RunDirError(f"{path} is missing: the run never started, or this is not a run directory")
-        try:
-            config = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise RunDirError(f"{path} is not valid YAML: {err}") from err
-        if not isinstance(config, dict):
-            raise RunDirError(f"{path} should hold a mapping, found {type(config).__name__}")
-        return config
+        return _read_mapping(path, yaml.safe_load, yaml.YAMLError, "valid YAML", "a mapping")
 
     @property
     def protocol(self) -> dict[str, Any]:
@@ -187,13 +192,7 @@ class RunDir:
         path = self.path / self.PROTOCOL
         if not path.is_file():
             return {}
-        try:
-            protocol = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise RunDirError(f"{path} is not valid JSON: {err}") from err
-        if not isinstance(protocol, dict):
-            raise RunDirError(f"{path} should hold a JSON object, found {type(protocol).__name__}")
-        return protocol
+        return _read_mapping(path, json.loads, json.JSONDecodeError, "valid JSON", "a JSON object")
 
     @property
     def train(self) -> pd.DataFrame:

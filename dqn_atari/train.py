@@ -13,8 +13,10 @@ checkpoint. Schedules count agent steps; the budget comes in frames and is conve
 
 from __future__ import annotations
 
+import math
 import random
 import signal
+import sys
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -111,9 +113,21 @@ def _is_atari(cfg: Config) -> bool:
     return not is_control_task(cfg.env.game)
 
 
+NO_STEP_BUDGET = math.inf
+"""``evaluate``'s ``max_steps`` for an evaluation that plays all its episodes to their end."""
+
+
 def evaluate(agent: Agent, cfg: Config, eval_index: int, episodes: int | None = None,
-             max_steps: int | None = None) -> list[float]:
+             max_steps: float | None = None) -> list[float]:
     """Raw game scores of whole evaluation episodes, under the run's protocol with eval.epsilon.
+
+    The ``episodes`` counted are the first ones to *start*, whatever their length: each env's first episode,
+    then each time a counted episode ends, that env's next one, until ``episodes`` have started; episodes an
+    env plays after that are not counted. Taking the first ones to *end* instead would favour short episodes
+    (with 8 envs, the long ones still running when the 30th ends would be dropped), and in most games a
+    short episode is a low score. The evaluation ends when every counted episode has ended, or when the
+    agent-step budget ``max_steps`` (all envs' steps together) runs out: counted episodes still running then
+    are dropped, as DeepMind's code drops its last one. ``max_steps=None`` is the config's budget.
 
     A pure function of the weights and ``eval_index`` (and the config): its own environments, NumPy RNG and
     torch RNG (IQN draws quantile fractions when acting) are seeded from the index, and training's random
@@ -127,6 +141,8 @@ def evaluate(agent: Agent, cfg: Config, eval_index: int, episodes: int | None = 
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0xE7A1, eval_index, 1]))
     epsilon = 0.0 if cfg.network.noisy else cfg.eval.epsilon
     scores: list[float] = []
+    counted = np.arange(env.num_envs) < episodes  # whether each env's current episode is one of the evaluation's
+    started = int(counted.sum())
     obs, _ = env.reset()
     steps = 0
     # Noisy nets are evaluated with their mean weights (noise off), as Dopamine and the common Rainbow
@@ -144,11 +160,14 @@ def evaluate(agent: Agent, cfg: Config, eval_index: int, episodes: int | None = 
                 obs, _r, _te, _tr, info = env.step(actions)
                 steps += env.num_envs
                 for i in np.flatnonzero(info["episode_end"]):
-                    scores.append(float(info["episode_return"][i]))
+                    if counted[i]:
+                        scores.append(float(info["episode_return"][i]))
+                    counted[i] = started < episodes
+                    started += int(counted[i])
     finally:
         agent.online.set_noise(noise_was_on)
         env.close()
-    return scores[:episodes]
+    return scores
 
 
 class _StopFlag:
@@ -228,6 +247,10 @@ class Trainer:
         """Everything of a run that comes after its environment: replay, agent, counters."""
         self.frame_skip = frame_skip_of(self.env)
         self.total_steps = frames_to_steps(cfg.train.frames, self.frame_skip)
+        if cfg.train.replay_start_steps >= self.total_steps:
+            print(f"warning: train.replay_start_steps ({cfg.train.replay_start_steps:,}) is not below the budget of "
+                  f"{self.total_steps:,} agent steps (train.frames={cfg.train.frames:,}): this run will only act at "
+                  f"random and never learn. Lower train.replay_start_steps or raise train.frames.", file=sys.stderr)
         replay_cls, replay_kwargs = replay_kind(cfg, self.env)
         obs_shape = tuple(self.env.obs_shape)
         self.replay = replay_cls(
@@ -442,8 +465,11 @@ class Trainer:
             )
 
     def run_evaluation(self, final: bool = False) -> list[float]:
+        """One evaluation, appended to eval.csv. The ``final`` one, at the end of training, plays all of
+        eval.episodes to their end, with no step budget: the score Nature's tables report (Methods: "each game
+        30 times for up to 5 min each"); the periodic ones stop at eval.max_steps, as DeepMind's code did."""
         c = self.counters
-        scores = evaluate(self.agent, self.cfg, c.evaluations)
+        scores = evaluate(self.agent, self.cfg, c.evaluations, max_steps=NO_STEP_BUDGET if final else None)
         c.evaluations += 1
         arr = np.asarray(scores, dtype=np.float64)
         row = {"agent_step": c.agent_step, "frames": c.agent_step * self.frame_skip,
@@ -561,7 +587,7 @@ class _Lockstep:
                 c = t.counters
                 if c.agent_step >= c.next_eval_step:
                     c.next_eval_step += t.cfg.eval.period_steps
-                    scores = t.run_evaluation()
+                    scores = t.run_evaluation(final=c.agent_step >= t.total_steps)
                     if bar is not None:
                         bar.write(f"eval seed{t.cfg.seed} {t.game} @ {c.agent_step * t.frame_skip:,} frames: mean "
                                   f"{np.mean(scores) if scores else float('nan'):.1f} over {len(scores)} episodes")

@@ -423,4 +423,11 @@ def test_report_command_and_missing_runs(tree, tmp_path, capsys):
         write_game_report("iqn", "Pong", root, REFERENCE_ROOT, tmp_path)
     assert cli.tables_main(["--runs", str(tmp_path / "nothing"), "--reference", str(REFERENCE_ROOT),
                             "--out", str(tmp_path)]) == 2
+    assert "nothing is not a directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli.tables_main(["--runs", str(tmp_path / "empty"), "--reference", str(REFERENCE_ROOT),
+                            "--out", str(tmp_path)]) == 2
     assert "no finished runs" in capsys.readouterr().err
+    assert cli.tables_main(["--runs", str(root), "--reference", str(REFERENCE_ROOT), "--out", str(tmp_path),
+                            "--variant", "natur_dqn"]) == 2
+    assert re.search(r"no finished runs .* for variants=\['natur_dqn'\].*; it has \[.*'rainbow'", capsys.readouterr().err)

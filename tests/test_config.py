@@ -56,6 +56,8 @@ def test_unknown_key_in_yaml_file(tmp_path):
     ("batch_size=2.5", "must be an integer"),
     ("double=maybe", "true or false"),
     ("head=foo", "network.head must be"),
+    ("device=tpu", "device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
+    ("torch_threads=-1", "torch_threads must be >= 0"),
 ])
 def test_bad_values_are_clear_errors(override, fragment):
     with pytest.raises(ConfigError, match=fragment):
@@ -65,6 +67,8 @@ def test_bad_values_are_clear_errors(override, fragment):
 def test_missing_config_file_lists_available_ones(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is a directory; give a YAML config file"):
+        load_config(tmp_path)
 
 
 def test_variant_lookup_suggests_close_names():

@@ -1,15 +1,17 @@
-"""Re-evaluating a run (python -m dqn_atari evaluate): which weights it uses, and clear errors for damaged or
-foreign ones."""
+"""Evaluation: which episodes count, the final evaluation's protocol, and re-evaluating a run (python -m
+dqn_atari evaluate): which weights it uses, and clear errors for damaged or foreign ones."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from dqn_atari.agent import Agent
 from dqn_atari.config import ConfigError, apply_overrides, config_from_dict, deep_merge, read_yaml
 from dqn_atari.evaluate import load_run_agent
-from dqn_atari.train import Trainer
+from dqn_atari.train import Trainer, evaluate, make_eval_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,3 +57,38 @@ def test_damaged_or_foreign_final_weights_are_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="does not hold the weights"):
         load_run_agent(run.path)
     assert (other.path / "model.safetensors").exists()  # nothing of the other run was touched
+
+
+def cartpole_config(*overrides: str):
+    data = deep_merge(read_yaml(ROOT / "configs" / "nature_dqn.yaml"), read_yaml(ROOT / "configs" / "control" / "cartpole.yaml"))
+    return config_from_dict(apply_overrides(data, ["device=cpu", *overrides]))
+
+
+def test_parallel_evaluation_does_not_favour_short_episodes():
+    """With 8 envs, the 30 episodes counted are the first 30 to start, not the first 30 to end (which drops
+    the long ones still running). Random play on CartPole, where the score is the episode's length: 100
+    evaluations on 8 envs and on 1 env give the same mean within 4 standard errors. Counting the first to end
+    gave 20.4 against 22.4 here, 7 standard errors apart."""
+    means = {}
+    for num_envs in (1, 8):
+        cfg = cartpole_config("eval.epsilon=1.0", f"eval.num_envs={num_envs}", "eval.episodes=30")
+        env = make_eval_env(cfg, 0)
+        agent = Agent(cfg, env.obs_shape, env.num_actions)
+        env.close()
+        scores = [np.asarray(evaluate(agent, cfg, index)) for index in range(100)]
+        assert all(s.size == 30 for s in scores)
+        scores = np.concatenate(scores)
+        means[num_envs] = (scores.mean(), scores.std() / np.sqrt(scores.size))
+    (mean_1, se_1), (mean_8, se_8) = means[1], means[8]
+    assert abs(mean_8 - mean_1) < 4 * np.hypot(se_1, se_8), means
+
+
+def test_final_evaluation_plays_every_episode_to_its_end(tmp_path):
+    """Periodic evaluations stop at eval.max_steps; the final one (here at the last step of training, where a
+    periodic one falls due as well) has no step budget and plays all eval.episodes, as Nature's tables."""
+    run = tiny_cartpole_run(tmp_path, "eval.period_steps=300", "eval.max_steps=40", "eval.episodes=5",
+                            "eval.epsilon=1.0").train()
+    evals = run.eval
+    assert list(evals["agent_step"]) == [300, 600, 900]
+    assert (evals["num_episodes"].iloc[:-1] < 5).all()
+    assert evals["num_episodes"].iloc[-1] == 5

@@ -510,13 +510,36 @@ def test_incremental_save_rewrites_only_changed_chunks(tmp_path):
     assert {i for _, i in rewritten} <= {8, 9, 10, 11}  # and nothing far from the cursor
     assert len(rewritten) < len(first) / 4
     # Only the new manifest's files remain; the replaced chunks were deleted after the manifest landed.
-    assert sorted(p.name for p in directory.iterdir()) == sorted([storage.MANIFEST, *second.values()])
+    files = [f for f in second.values() if f is not None]  # chunks not written yet (all zeros) have no file
+    assert sorted(p.name for p in directory.iterdir()) == sorted([storage.MANIFEST, *files])
     loaded = PrioritizedReplayBuffer(400, 1, FRAME, stack=4, n_step=3, discount=GAMMA, chunk_slots=32)
     loaded.load(directory)
     assert_same_state(buf, loaded)
     # A save right after a load of the same directory is incremental too: nothing changed, nothing written.
     loaded.save(directory)
     assert set(chunk_files(directory).values()) == set(second.values())
+
+
+def test_a_mostly_empty_replay_saves_only_the_chunks_that_hold_data(tmp_path):
+    """An early checkpoint (replay 10 % full) writes no file for the chunks not written yet; they load as zeros,
+    also into a buffer that held other data."""
+    kwargs = dict(capacity=640, num_envs=1, frame_shape=FRAME, stack=4, n_step=3, discount=GAMMA, chunk_slots=32)
+    buf = PrioritizedReplayBuffer(**kwargs, seed=0)
+    stream = random_stream(np.random.default_rng(17), 1, steps=10_000)
+    for _ in range(60):
+        buf.add(*next(stream))
+    buf.save(tmp_path / "early")
+    files = chunk_files(tmp_path / "early")
+    empty = {key for key, f in files.items() if f is None}
+    assert {i for _, i in empty} >= set(range(3, 20)) and {i for _, i in files.keys() - empty} <= {0, 1, 2}
+    assert len(list((tmp_path / "early").glob("*.npy"))) == len(files) - len(empty)
+    other = PrioritizedReplayBuffer(**kwargs, seed=1)
+    for _ in range(600):
+        other.add(*next(stream))
+    other.load(tmp_path / "early")
+    assert_same_state(buf, other)
+    for name, arr in other.ring.slot_arrays().items():
+        assert not as_numpy(arr)[32 * 3:].any(), name
 
 
 def test_incremental_save_into_a_hard_linked_copy_leaves_the_original_intact(tmp_path):

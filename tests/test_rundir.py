@@ -100,6 +100,19 @@ def test_bad_input_is_a_clear_error(tmp_path):
         run.append_train([{**train_row(2), "loss": 0.1}])
 
 
+
+def test_unreadable_config_and_protocol_name_the_file(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir(parents=True)
+    for name, attr, garbage, wrong_kind in (("config.yaml", "config", "a: [1", "- 1\n- 2\n"),
+                                            ("protocol.json", "protocol", "{", "[1, 2]")):
+        (run.path / name).write_text(garbage)
+        with pytest.raises(RunDirError, match=rf"{name} is not valid (YAML|JSON)"):
+            getattr(run, attr)
+        (run.path / name).write_text(wrong_kind)
+        with pytest.raises(RunDirError, match=rf"{name} should hold a (mapping|JSON object), found list"):
+            getattr(run, attr)
+
 def test_evaluation_without_finished_episodes(tmp_path):
     run = RunDir(tmp_path / "run")
     run.append_eval(eval_row(10, []))  # the evaluation's step budget ran out before any episode ended

@@ -135,6 +135,9 @@ def test_reproduce_parallel_trains_every_seed_in_one_process_and_reports_them(tm
     (["train", "configs/nature_dqn.yaml", "agent.lrr=1"], "agent.lr"),
     (["train", "configs/nope.yaml"], "does not exist"),
     (["reproduce", "--variant", "natur_dqn"], "nature_dqn"),
+    (["reproduce", "--seeds", "1 x"], "ranges like 1-5; got 'x'"),
+    (["train", "configs"], "is a directory"),
+    (["train", "configs/nature_dqn.yaml", "env.game=CartPole"], "train configs/control/cartpole.yaml"),
 ])
 def test_cli_bad_input_is_a_clear_error(argv, fragment, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)
@@ -142,3 +145,10 @@ def test_cli_bad_input_is_a_clear_error(argv, fragment, capsys, monkeypatch, tmp
     assert rc == 2
     assert fragment in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_warm_up_longer_than_the_budget_is_a_warning(tmp_path, capsys):
+    Trainer(cartpole_config(tmp_path, "train.frames=500", "replay_start_steps=500"), progress=False).close()
+    assert "train.replay_start_steps (500) is not below the budget of 500 agent steps" in capsys.readouterr().err
+    Trainer(cartpole_config(tmp_path, "train.frames=500", "replay_start_steps=499"), progress=False).close()
+    assert "warning" not in capsys.readouterr().err

@@ -167,7 +167,7 @@ def _call_sites(attr: str, receiver: str) -> set[tuple[str, str]]:
 
 
 def test_there_is_one_training_loop():
-    """Variants are switches, not copies of the loop (DESIGN.md): environments are stepped only by the loop and
+    """Variants are switches, not copies of the loop: environments are stepped only by the loop and
     by the evaluation paths, and only the loop stores transitions and calls the update."""
     assert _call_sites("step", "env") == {
         ("train.py", "evaluate"),            # periodic / final evaluation

@@ -123,10 +123,17 @@ def require_runs(
     games: list[str] | None = None,
 ) -> list[RunRecord]:
     """``load_runs``, with a ValueError that says what to do when there is no finished run to analyse."""
+    if not Path(runs_root).is_dir():
+        raise ValueError(f"{runs_root} is not a directory: point --runs at the runs root (default {DEFAULT_RUNS_ROOT}), "
+                         f"or train some runs first, e.g. `make reproduce`")
     records = load_runs(runs_root, variants, games)
     if not records:
-        raise ValueError(f"no finished runs under {runs_root} (variants={variants}, games={games}); "
-                         "train some first, e.g. `make reproduce`")
+        if variants or games:
+            found = load_runs(runs_root)
+            have = (f"; it has {sorted({r.variant for r in found})} on {sorted({r.game for r in found})}"
+                    if found else "")
+            raise ValueError(f"no finished runs under {runs_root} for variants={variants}, games={games}{have}")
+        raise ValueError(f"no finished runs under {runs_root}; train some first, e.g. `make reproduce`")
     return records
 
 

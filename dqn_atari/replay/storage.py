@@ -4,11 +4,13 @@ Layout of a save directory:
 
     manifest.json                      format version, configuration, small state, and for every array
                                        its chunks: file name, row range, byte count and CRC-32
-    <array>.<chunk>.<save id>.npy      rows [chunk * chunk_rows, (chunk + 1) * chunk_rows) of one array
+    <array>.<chunk>.<save id>.npy      rows [chunk * chunk_rows, (chunk + 1) * chunk_rows) of one array;
+                                       a chunk whose rows are all zeros (not written yet) has no file
 
 Why this shape: a 1M-slot Atari replay is 7 GB, and rewriting all of it at every checkpoint makes
 checkpointing the bottleneck. Arrays are split into fixed row chunks (64k slots by default: 462 MB of
-84x84 frames); the buffer marks a chunk dirty when any of its rows changes. Every save has a random id,
+84x84 frames); the buffer marks a chunk dirty when any of its rows changes, and an early checkpoint of a
+replay still mostly empty writes only the chunks that hold data. Every save has a random id,
 kept in its manifest and by the buffer; when a directory's manifest carries the id of the buffer's last
 save or load (the same directory, or a hard-linked copy of it such as the checkpoint module makes for
 each new generation), only dirty chunks are written and the others keep their files. Files are never
@@ -39,7 +41,8 @@ import torch
 __all__ = ["FORMAT_VERSION", "MANIFEST", "ArraySpec", "ReplayCorruptError"]
 __all__ += ["load_arrays", "read_manifest", "save_arrays"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 2 adds chunks without a file (all zeros); version 1 saves read as before
 MANIFEST = "manifest.json"
 _CHUNK_FILE = re.compile(r"^[a-z_]+\.\d{6}\.[0-9a-f]{16}\.npy$")
 
@@ -94,9 +97,9 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ReplayCorruptError(f"{path} is not valid JSON ({err}); the save is damaged") from err
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ValueError(
-            f"{path} has replay format version {version!r}; this code reads version {FORMAT_VERSION}. "
+            f"{path} has replay format version {version!r}; this code reads versions {READABLE_VERSIONS}. "
             f"Load it with the dqn_atari version that wrote it."
         )
     return manifest
@@ -139,12 +142,15 @@ def save_arrays(
                 index < len(old_chunks)
                 and not dirty[spec.group][index]  # type: ignore[index]
                 and (old_chunks[index]["start"], old_chunks[index]["stop"]) == (start, stop)
-                and (directory / old_chunks[index]["file"]).exists()
+                and (old_chunks[index]["file"] is None or (directory / old_chunks[index]["file"]).exists())
             )
             if reusable:
                 chunks.append(old_chunks[index])
                 continue
             data = _to_numpy(spec.array, start, stop)
+            if not data.any():  # not written yet: nothing to store
+                chunks.append({"file": None, "start": start, "stop": stop})
+                continue
             name = f"{spec.name}.{index:06d}.{save_id}.npy"
             _write_chunk(directory / name, data)
             crc = zlib.crc32(data)
@@ -171,7 +177,7 @@ def save_arrays(
     _fsync_dir(directory)
 
     # Only now that the new manifest is durable may files it does not reference go.
-    referenced = {c["file"] for a in arrays.values() for c in a["chunks"]}
+    referenced = {c["file"] for a in arrays.values() for c in a["chunks"] if c["file"] is not None}
     for entry in directory.iterdir():
         stale_chunk = _CHUNK_FILE.match(entry.name) and entry.name not in referenced
         stale_tmp = entry.name.startswith(f"{MANIFEST}.") and entry.name.endswith(".tmp")
@@ -234,7 +240,10 @@ def load_arrays(directory: str | os.PathLike, specs: list[ArraySpec], manifest: 
             if start != covered or stop <= start or stop > shape[0]:
                 raise ReplayCorruptError(f"the manifest in {directory} has a bad row range for {spec.name!r}")
             covered = stop
-            if isinstance(spec.array, np.ndarray):
+            if chunk["file"] is None:  # all zeros; reading leaves a fresh buffer's untouched pages unallocated
+                if spec.array[start:stop].any():
+                    spec.array[start:stop] = 0
+            elif isinstance(spec.array, np.ndarray):
                 _read_chunk_into(directory / chunk["file"], spec.array[start:stop], chunk["crc32"], chunk["nbytes"])
             else:
                 tmp = np.empty((stop - start, *shape[1:]), dtype=dtype)
