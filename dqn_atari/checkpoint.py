@@ -277,7 +277,7 @@ def _verify_replay_chunks(replay_dir: Path) -> None:
     manifest = read_manifest(replay_dir)
     for name, entry in manifest.get("arrays", {}).items():
         for chunk in entry["chunks"]:
-            if chunk["file"] is None:  # rows not written yet: all zeros, no file
+            if chunk["file"] is None:  # all-zero bytes: no file
                 continue
             path = replay_dir / chunk["file"]
             try:

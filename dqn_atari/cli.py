@@ -152,13 +152,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config, e.g. configs/nature_dqn.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. env.game=Pong seed=2")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, parser=p)
 
     p = sub.add_parser("evaluate", help="evaluate a trained run under its protocol; optionally record a video",
                        description="python -m dqn_atari evaluate RUN_DIR [episodes=N] [epsilon=E] [video=PATH.mp4]")
     p.add_argument("run_dir")
     p.add_argument("options", nargs="*", help="episodes=N, epsilon=E, seed=S, video=PATH.mp4 (colour, first episode)")
-    p.set_defaults(func=cmd_evaluate)
+    p.set_defaults(func=cmd_evaluate, parser=p)
 
     p = sub.add_parser("reproduce", help="train every seed of a variant on a game, then write the game report",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_keys_help())
@@ -171,7 +171,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="train all seeds in one process (batched acting and updates), not one after the other")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
-    p.set_defaults(func=cmd_reproduce)
+    p.set_defaults(func=cmd_reproduce, parser=p)
 
     for name, (_module, _func, text) in PASSTHROUGH.items():
         sub.add_parser(name, help=f"{text} (see: python -m dqn_atari {name} --help)", add_help=False)
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         args, extra = parser.parse_known_args(argv)
         stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
         if stray:
-            parser.error(f"unrecognized arguments: {' '.join(stray)}")
+            getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(stray)}")
         if extra:
             args.overrides = list(args.overrides) + extra
         return args.func(args)
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
 def _with_hint(exc: BaseException) -> str:
     """A config value check ("x must be ...") names the problem; add where and how to fix it."""
     text = str(exc)
-    if isinstance(exc, ConfigError) and " must " in text and "--help" not in text:
+    if isinstance(exc, ConfigError) and " must " in text and "--help" not in text and not text.startswith("--"):
         text += (" Fix it in the config file or with a key=value override (`python -m dqn_atari train --help` "
                  "lists every key, its default and meaning), then run the command again.")
     return text

@@ -95,6 +95,8 @@ class NetworkConfig:
         _check(self.v_min < self.v_max, f"network.v_min ({self.v_min}) must be below network.v_max ({self.v_max}).")
         _check(self.num_quantiles >= 1, f"network.num_quantiles must be >= 1, got {self.num_quantiles}.")
         _check(self.hidden >= 1, f"network.hidden must be >= 1, got {self.hidden}.")
+        _check(len(self.mlp_hidden) >= 1 and all(int(n) >= 1 for n in self.mlp_hidden),
+               f"network.mlp_hidden must be a non-empty list of positive sizes, got {list(self.mlp_hidden)}.")
         _check(self.noisy_sigma0 >= 0, f"network.noisy_sigma0 must be >= 0, got {self.noisy_sigma0}.")
         _check(self.kappa > 0, f"network.kappa must be > 0, got {self.kappa}.")
         for name in ("iqn_embedding_dim", "iqn_num_taus_act", "iqn_num_taus", "iqn_num_taus_target"):
@@ -221,8 +223,8 @@ class EvalConfig:
     max_episode_frames: int = 18_000
     """Episode cap in evaluation (Nature 2015, Methods: 5 minutes = 18,000 frames)."""
     num_envs: int = 8
-    """Evaluation environments stepped together. Speed only: the episodes counted are the first ``episodes`` to
-    start, whatever their length (see dqn_atari.train.evaluate)."""
+    """Evaluation environments stepped together, for speed: the episodes counted are the first ``episodes`` to
+    start, whatever their length, and the step budget counts their steps only (see dqn_atari.train.evaluate)."""
 
     def __post_init__(self) -> None:
         _check(self.period_steps >= 1, f"eval.period_steps must be >= 1, got {self.period_steps}.")
@@ -449,8 +451,8 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     """
     path = Path(path)
     if not path.exists():
-        configs = sorted(p.stem for p in Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
-        hint = f" Available in configs/: {', '.join(configs)}." if configs else ""
+        configs = sorted(f"configs/{p.name}" for p in Path("configs").glob("*.yaml") if p.stem != "smoke")
+        hint = f" Available: {', '.join(configs)}." if configs else ""
         raise ConfigError(f"Config file {str(path)!r} does not exist.{hint}")
     if path.is_dir():
         raise ConfigError(f"{str(path)!r} is a directory; give a YAML config file, e.g. configs/nature_dqn.yaml.")
@@ -522,7 +524,9 @@ def find_variant_config(variant: str, configs_dir: str | Path = "configs") -> Pa
     for candidate in (configs_dir / f"{variant}.yaml", configs_dir / "ablations" / f"{variant}.yaml"):
         if candidate.exists():
             return candidate
-    known = sorted(p.stem for p in configs_dir.rglob("*.yaml") if p.stem != "smoke")
+    # The variants are what the lookup above finds; smoke.yaml and configs/control/ are layers, not variants.
+    known = sorted(p.stem for p in [*configs_dir.glob("*.yaml"), *configs_dir.glob("ablations/*.yaml")]
+                   if p.stem != "smoke")
     close = difflib.get_close_matches(variant, known, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise ConfigError(f"Unknown variant {variant!r}: no configs/{variant}.yaml.{hint} Known variants: {', '.join(known)}.")
@@ -535,7 +539,7 @@ def parse_frames(text: str | int | None) -> int | None:
     m = re.fullmatch(r"([0-9.eE+_]+)\s*([kKmMgG]?)", str(text).strip())
     try:
         value = float(m.group(1).replace("_", "")) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2).lower()]
-    except (AttributeError, ConfigError):
+    except (AttributeError, ValueError):
         raise ConfigError(f"--frames must be a number of frames like 10000000, 1e7 or 10M; got {text!r}.") from None
     if value < 1 or not value.is_integer():
         raise ConfigError(f"--frames must be a positive whole number of frames; got {text!r}.")

@@ -192,7 +192,7 @@ def her_main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         bits = _integers("--bits", args.bits)
-        episodes = _integers("--episodes", args.episodes)[0] if str(args.episodes).strip() else DEFAULT_EPISODES
+        episodes = _integers("--episodes", args.episodes, one=True) if str(args.episodes).strip() else DEFAULT_EPISODES
         configs = her_configs(bits, parse_seeds(args.seeds), episodes, args.overrides)
         if not train_all(configs, args.workers, progress=not args.no_progress):
             print("A run stopped before its budget; re-run the same command to resume.")
@@ -210,11 +210,16 @@ def her_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _integers(option: str, text: str) -> list[int]:
+def _integers(option: str, text: str, one: bool = False):
+    """The whole numbers in ``text`` (separated by spaces or commas); with ``one``, the single number it holds."""
     try:
-        return [int(word) for word in text.replace(",", " ").split()]
+        numbers = [int(word) for word in text.replace(",", " ").split()]
     except ValueError:
-        raise ValueError(f"{option} takes whole numbers (several separated by spaces); got {text!r}.") from None
+        numbers = []
+    if not numbers or (one and len(numbers) != 1):
+        what = "one whole number" if one else "whole numbers (several separated by spaces)"
+        raise ValueError(f"{option} takes {what}; got {text!r}.")
+    return numbers[0] if one else numbers
 
 
 if __name__ == "__main__":

@@ -126,8 +126,9 @@ def evaluate(agent: Agent, cfg: Config, eval_index: int, episodes: int | None = 
     env plays after that are not counted. Taking the first ones to *end* instead would favour short episodes
     (with 8 envs, the long ones still running when the 30th ends would be dropped), and in most games a
     short episode is a low score. The evaluation ends when every counted episode has ended, or when the
-    agent-step budget ``max_steps`` (all envs' steps together) runs out: counted episodes still running then
-    are dropped, as DeepMind's code drops its last one. ``max_steps=None`` is the config's budget.
+    agent-step budget ``max_steps`` runs out: it counts the steps of counted episodes only (the steps one env
+    would take to play them), and counted episodes still running then are dropped, as DeepMind's code drops
+    its last one. ``max_steps=None`` is the config's budget.
 
     A pure function of the weights and ``eval_index`` (and the config): its own environments, NumPy RNG and
     torch RNG (IQN draws quantile fractions when acting) are seeded from the index, and training's random
@@ -158,7 +159,7 @@ def evaluate(agent: Agent, cfg: Config, eval_index: int, episodes: int | None = 
             while len(scores) < episodes and steps < max_steps:
                 actions = agent.act(obs, epsilon, rng=rng)
                 obs, _r, _te, _tr, info = env.step(actions)
-                steps += env.num_envs
+                steps += int(counted.sum())
                 for i in np.flatnonzero(info["episode_end"]):
                     if counted[i]:
                         scores.append(float(info["episode_return"][i]))
@@ -249,8 +250,8 @@ class Trainer:
         self.total_steps = frames_to_steps(cfg.train.frames, self.frame_skip)
         if cfg.train.replay_start_steps >= self.total_steps:
             print(f"warning: train.replay_start_steps ({cfg.train.replay_start_steps:,}) is not below the budget of "
-                  f"{self.total_steps:,} agent steps (train.frames={cfg.train.frames:,}): this run will only act at "
-                  f"random and never learn. Lower train.replay_start_steps or raise train.frames.", file=sys.stderr)
+                  f"{self.total_steps:,} agent steps (train.frames={cfg.train.frames:,}): this run will do little or "
+                  f"nothing but random play. Lower train.replay_start_steps or raise train.frames.", file=sys.stderr)
         replay_cls, replay_kwargs = replay_kind(cfg, self.env)
         obs_shape = tuple(self.env.obs_shape)
         self.replay = replay_cls(

@@ -58,6 +58,7 @@ def test_unknown_key_in_yaml_file(tmp_path):
     ("head=foo", "network.head must be"),
     ("device=tpu", "device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
     ("torch_threads=-1", "torch_threads must be >= 0"),
+    ("mlp_hidden=[0]", "network.mlp_hidden must be a non-empty list of positive sizes"),
 ])
 def test_bad_values_are_clear_errors(override, fragment):
     with pytest.raises(ConfigError, match=fragment):

@@ -92,3 +92,14 @@ def test_final_evaluation_plays_every_episode_to_its_end(tmp_path):
     assert list(evals["agent_step"]) == [300, 600, 900]
     assert (evals["num_episodes"].iloc[:-1] < 5).all()
     assert evals["num_episodes"].iloc[-1] == 5
+
+
+def test_the_step_budget_counts_the_counted_episodes_steps_only():
+    """8 envs, 2 episodes counted: the budget is spent by those 2 episodes' steps, as one env would spend it,
+    not by all 8 envs' (which would stop this evaluation after 200 / 8 = 25 steps, before either ended)."""
+    cfg = cartpole_config("eval.epsilon=1.0", "eval.num_envs=8", "eval.episodes=2", "eval.max_steps=200")
+    env = make_eval_env(cfg, 0)
+    agent = Agent(cfg, env.obs_shape, env.num_actions)
+    env.close()
+    scores = evaluate(agent, cfg, 3)
+    assert len(scores) == 2 and min(scores) > 25 and sum(scores) <= 200, scores

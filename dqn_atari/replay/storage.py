@@ -5,7 +5,7 @@ Layout of a save directory:
     manifest.json                      format version, configuration, small state, and for every array
                                        its chunks: file name, row range, byte count and CRC-32
     <array>.<chunk>.<save id>.npy      rows [chunk * chunk_rows, (chunk + 1) * chunk_rows) of one array;
-                                       a chunk whose rows are all zeros (not written yet) has no file
+                                       a chunk whose bytes are all zero (e.g. not written yet) has no file
 
 Why this shape: a 1M-slot Atari replay is 7 GB, and rewriting all of it at every checkpoint makes
 checkpointing the bottleneck. Arrays are split into fixed row chunks (64k slots by default: 462 MB of
@@ -148,7 +148,7 @@ def save_arrays(
                 chunks.append(old_chunks[index])
                 continue
             data = _to_numpy(spec.array, start, stop)
-            if not data.any():  # not written yet: nothing to store
+            if not data.view(np.uint8).any():  # all-zero bytes (e.g. rows not written yet): nothing to store
                 chunks.append({"file": None, "start": start, "stop": stop})
                 continue
             name = f"{spec.name}.{index:06d}.{save_id}.npy"
@@ -240,9 +240,10 @@ def load_arrays(directory: str | os.PathLike, specs: list[ArraySpec], manifest: 
             if start != covered or stop <= start or stop > shape[0]:
                 raise ReplayCorruptError(f"the manifest in {directory} has a bad row range for {spec.name!r}")
             covered = stop
-            if chunk["file"] is None:  # all zeros; reading leaves a fresh buffer's untouched pages unallocated
-                if spec.array[start:stop].any():
-                    spec.array[start:stop] = 0
+            if chunk["file"] is None:  # all-zero bytes; reading first leaves a fresh buffer's pages unallocated
+                rows = spec.array[start:stop]
+                if (rows.view(np.uint8) if isinstance(rows, np.ndarray) else rows.view(torch.uint8)).any():
+                    rows[...] = 0
             elif isinstance(spec.array, np.ndarray):
                 _read_chunk_into(directory / chunk["file"], spec.array[start:stop], chunk["crc32"], chunk["nbytes"])
             else:
