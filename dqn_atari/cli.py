@@ -150,14 +150,14 @@ def make_parser() -> argparse.ArgumentParser:
                        "(and/or games=[...]) trains several runs in one process",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_keys_help())
     p.add_argument("config", help="YAML config, e.g. configs/nature_dqn.yaml")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. env.game=Pong seed=2")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value overrides, e.g. env.game=Pong seed=2")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train, parser=p)
 
     p = sub.add_parser("evaluate", help="evaluate a trained run under its protocol; optionally record a video",
                        description="python -m dqn_atari evaluate RUN_DIR [episodes=N] [epsilon=E] [video=PATH.mp4]")
     p.add_argument("run_dir")
-    p.add_argument("options", nargs="*", help="episodes=N, epsilon=E, seed=S, video=PATH.mp4 (colour, first episode)")
+    p.add_argument("options", nargs="*", default=[], help="episodes=N, epsilon=E, seed=S, video=PATH.mp4 (colour, first episode)")
     p.set_defaults(func=cmd_evaluate, parser=p)
 
     p = sub.add_parser("reproduce", help="train every seed of a variant on a game, then write the game report",
@@ -170,7 +170,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", action="store_true",
                    help="train all seeds in one process (batched acting and updates), not one after the other")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value overrides")
     p.set_defaults(func=cmd_reproduce, parser=p)
 
     for name, (_module, _func, text) in PASSTHROUGH.items():

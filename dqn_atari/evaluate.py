@@ -70,7 +70,7 @@ def evaluate_run(run_dir: Path, episodes: int | None = None, video: str | None =
         cfg = config_from_dict({**cfg.to_dict(), "eval": {**cfg.to_dict()["eval"], "epsilon": epsilon}})
     episodes = episodes or cfg.eval.episodes
     # Evaluation indices from 1,000,000 on never collide with those used during training.
-    scores = evaluate(agent, cfg, 1_000_000 + seed, episodes=episodes, max_steps=NO_STEP_BUDGET)
+    scores = evaluate(agent, cfg, 1_000_000 + seed, episodes=episodes, max_steps=NO_STEP_BUDGET, progress=True)
     arr = np.asarray(scores)
     print(f"{len(scores)} episodes, epsilon {0.0 if cfg.network.noisy else cfg.eval.epsilon}: "
           f"mean {arr.mean():.1f}, median {np.median(arr):.1f}, std {arr.std():.1f}, min {arr.min():.1f}, max {arr.max():.1f}")

@@ -118,7 +118,7 @@ NO_STEP_BUDGET = math.inf
 
 
 def evaluate(agent: Agent, cfg: Config, eval_index: int, episodes: int | None = None,
-             max_steps: float | None = None) -> list[float]:
+             max_steps: float | None = None, progress: bool = False) -> list[float]:
     """Raw game scores of whole evaluation episodes, under the run's protocol with eval.epsilon.
 
     The ``episodes`` counted are the first ones to *start*, whatever their length: each env's first episode,
@@ -128,7 +128,7 @@ def evaluate(agent: Agent, cfg: Config, eval_index: int, episodes: int | None = 
     short episode is a low score. The evaluation ends when every counted episode has ended, or when the
     agent-step budget ``max_steps`` runs out: it counts the steps of counted episodes only (the steps one env
     would take to play them), and counted episodes still running then are dropped, as DeepMind's code drops
-    its last one. ``max_steps=None`` is the config's budget.
+    its last one. ``max_steps=None`` is the config's budget. ``progress``: a bar of finished episodes.
 
     A pure function of the weights and ``eval_index`` (and the config): its own environments, NumPy RNG and
     torch RNG (IQN draws quantile fractions when acting) are seeded from the index, and training's random
@@ -146,6 +146,11 @@ def evaluate(agent: Agent, cfg: Config, eval_index: int, episodes: int | None = 
     started = int(counted.sum())
     obs, _ = env.reset()
     steps = 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=episodes, unit="episode", desc=f"evaluation {eval_index}", leave=False, dynamic_ncols=True)
     # Noisy nets are evaluated with their mean weights (noise off), as Dopamine and the common Rainbow
     # implementations do; the training noise is restored afterwards.
     noise_was_on = agent.online.noise_enabled
@@ -163,11 +168,15 @@ def evaluate(agent: Agent, cfg: Config, eval_index: int, episodes: int | None = 
                 for i in np.flatnonzero(info["episode_end"]):
                     if counted[i]:
                         scores.append(float(info["episode_return"][i]))
+                        if bar is not None:
+                            bar.update(1)
                     counted[i] = started < episodes
                     started += int(counted[i])
     finally:
         agent.online.set_noise(noise_was_on)
         env.close()
+        if bar is not None:
+            bar.close()
     return scores
 
 
@@ -470,7 +479,8 @@ class Trainer:
         eval.episodes to their end, with no step budget: the score Nature's tables report (Methods: "each game
         30 times for up to 5 min each"); the periodic ones stop at eval.max_steps, as DeepMind's code did."""
         c = self.counters
-        scores = evaluate(self.agent, self.cfg, c.evaluations, max_steps=NO_STEP_BUDGET if final else None)
+        scores = evaluate(self.agent, self.cfg, c.evaluations, max_steps=NO_STEP_BUDGET if final else None,
+                          progress=self.progress)
         c.evaluations += 1
         arr = np.asarray(scores, dtype=np.float64)
         row = {"agent_step": c.agent_step, "frames": c.agent_step * self.frame_skip,

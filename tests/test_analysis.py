@@ -18,6 +18,7 @@ from dqn_atari.analysis.reference import Reference, game_key
 from dqn_atari.analysis.report import write_game_report
 from dqn_atari.analysis.scores import load_runs, run_table, summarize
 from dqn_atari.analysis.stats import Strata, aggregate, bootstrap, performance_profile, t_interval
+from dqn_atari.analysis.tables import aggregates_table, variant_table
 from dqn_atari.analysis.variants import VARIANTS
 from dqn_atari.rundir import RunDir
 
@@ -64,9 +65,10 @@ def _paper_hns(ref, algorithm, protocol_word, table):
     return hns[np.isfinite(hns)]
 
 
-def _published(ref, algorithm, protocol, frames="200M"):
+def _published(ref, algorithm, protocol, frames: str | None = "200M"):
     rows = ref.aggregates
-    row = rows[(rows["algorithm"] == algorithm) & (rows["protocol"] == protocol) & (rows["frames"] == frames)]
+    row = rows[(rows["algorithm"] == algorithm) & (rows["protocol"] == protocol)
+               & ((rows["frames"] == frames) if frames is not None else True)]
     assert len(row) == 1, (algorithm, protocol)
     return row.iloc[0]
 
@@ -91,13 +93,15 @@ PUBLISHED_CASES = [
     ("Rainbow (Hessel 2018)", "noop", "standard", "Rainbow (Hessel 2018)", "noop-starts(<=30)", True, 0.06),
     ("Rainbow (Hessel 2018)", "human", "standard", "Rainbow (Hessel 2018)", "human-starts", True, 0.06),
     ("C51 (Bellemare 2017)", "noop", "standard", "C51 (Bellemare 2017)", "noop-starts", True, 0.06),
+    # The same 49 Nature scores as "DQN (Nature numbers)" above, with the standard table: 79.3 %, not 93.5 %.
+    ("DQN (Mnih 2015, Nature)", "noop", "standard", "DQN (Mnih 2015, Nature)", "noop-starts(<=30)", True, 0.06),
 ]
 
 
 @pytest.mark.parametrize("algorithm,word,table,agg_algorithm,agg_protocol,check_mean,tol", PUBLISHED_CASES)
 def test_paper_medians_from_per_game_scores(ref, algorithm, word, table, agg_algorithm, agg_protocol, check_mean, tol):
     hns = _paper_hns(ref, algorithm, word, table)
-    published = _published(ref, agg_algorithm, agg_protocol)
+    published = _published(ref, agg_algorithm, agg_protocol, frames=None)  # one row each; Nature's is 50M frames
     assert len(hns) == published["n_games"]
     est = aggregate([np.array([h]) for h in hns], metrics=("median", "mean"), reps=10)
     assert 100 * est["median"].point == pytest.approx(published["median_hns_pct"], abs=tol)
@@ -431,3 +435,25 @@ def test_report_command_and_missing_runs(tree, tmp_path, capsys):
     assert cli.tables_main(["--runs", str(root), "--reference", str(REFERENCE_ROOT), "--out", str(tmp_path),
                             "--variant", "natur_dqn"]) == 2
     assert re.search(r"no finished runs .* for variants=\['natur_dqn'\].*; it has \[.*'rainbow'", capsys.readouterr().err)
+
+
+def test_paper_columns_whose_labels_coincide_are_all_kept(tmp_path, ref):
+    """Dopamine's QR-DQN rows have two protocol strings that differ only in the seed count ("mean of 4 seeds" for
+    MontezumaRevenge): both groups label alike, and neither may replace the other's column."""
+    root = tmp_path / "runs"
+    write_run(root, "qr_dqn", "MontezumaRevenge", 1, NATURE, 0.1)
+    write_run(root, "qr_dqn", "Breakout", 1, NATURE, 0.5)
+    summary = summarize(run_table(load_runs(root), ref))
+    table, _ = variant_table(summary, "qr_dqn", ref)
+    nature_cnn = [c for c in table.columns if c.startswith("QR-DQN [Dopamine JAX (Nature CNN)]")]
+    assert len(nature_cnn) == 2
+    assert any("625" in v for c in nature_cnn for v in table[c])
+
+
+def test_one_run_per_game_shows_no_bootstrap_interval(tmp_path, ref):
+    root = tmp_path / "runs"
+    for game in GAMES:
+        write_run(root, "nature_dqn", game, 1, NATURE, 0.8)
+    agg = aggregates_table(run_table(load_runs(root), ref), ref, reps=100)
+    ours = agg[agg["Source"].str.startswith("ours")]
+    assert (ours["Median HNS %"].str.endswith("(no CI)")).all() and not ours["IQM HNS %"].str.contains(r"\[").any()

@@ -12,7 +12,8 @@ Metrics (each a function of the flat scores and the strata):
   ``aggregate_iqm``; with unequal run counts, games with more runs weigh more, as in any pooling);
 - optimality_gap: 1 - mean over games of the per-game mean of min(score, 1) (rliable
   ``aggregate_optimality_gap`` with gamma = 1; equal to it when run counts are equal);
-- above_human: number of games whose mean HNS exceeds 1 (Nature 2015 and later papers' game counts).
+- above_human: number of games whose mean HNS exceeds 1, i.e. above 100 % (the count the later papers give;
+  Nature 2015 counts games at "human level", 75 % or more, so its count is not this one).
 rliable itself is not used: its `arch` dependency pulls in statsmodels and fails to import with pandas 3.
 """
 
