@@ -457,3 +457,12 @@ def test_one_run_per_game_shows_no_bootstrap_interval(tmp_path, ref):
     agg = aggregates_table(run_table(load_runs(root), ref), ref, reps=100)
     ours = agg[agg["Source"].str.startswith("ours")]
     assert (ours["Median HNS %"].str.endswith("(no CI)")).all() and not ours["IQM HNS %"].str.contains(r"\[").any()
+
+
+def test_per_game_table_notes_say_how_each_paper_protocol_differs(tree, ref):
+    root, _ = tree
+    summary = summarize(run_table(_quiet(load_runs, root)[0], ref))
+    _, notes = variant_table(summary, "nature_dqn", ref)
+    nature = next(n for n in notes if n.startswith("DQN (Mnih 2015, Nature)"))
+    assert "differs from ours (nature2015): training length: ours 2M frames, paper 50M" in nature
+    assert "differs from ours (machado2018): start: ours sticky actions, paper no-op starts" in nature

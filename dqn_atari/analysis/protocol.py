@@ -160,3 +160,12 @@ def protocol_differences(ours: Protocol, frames_trained: float | None, paper: Pa
     if paper.reporting == "training returns":
         diffs.append("reporting: paper averages training episodes (exploring policy); ours are evaluation episodes")
     return diffs
+
+
+def comparison_verdict(ours: Protocol, frames_trained: float | None, paper: PaperProtocol, quote: str = "") -> str:
+    """How a paper's protocol compares with our run's, in words (``quote`` wraps our protocol's name)."""
+    diffs = protocol_differences(ours, frames_trained, paper)
+    name = f"{quote}{ours.name}{quote}"
+    if diffs:
+        return f"differs from ours ({name}): " + "; ".join(diffs)
+    return f"matches ours ({name}) in start type, epsilon, cap and length as far as stated"

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from dqn_atari.analysis.plots import plot_game_report
-from dqn_atari.analysis.protocol import fmt_frames, parse_paper_protocol, protocol_differences
+from dqn_atari.analysis.protocol import comparison_verdict, fmt_frames, parse_paper_protocol
 from dqn_atari.analysis.reference import DEFAULT_REFERENCE_ROOT, load_reference
 from dqn_atari.analysis.scores import DEFAULT_RUNS_ROOT, load_runs, run_table, settings_in
 from dqn_atari.analysis.tables import fmt_value
@@ -77,10 +77,7 @@ def write_game_report(
                   f"  - protocol: {row['protocol']}", f"  - source: {row['source']}"]
         for setting in settings_in(runs):
             frames = runs.loc[runs["setting"] == setting, "frames_trained"].max()
-            diffs = protocol_differences(setting.protocol, frames, pp)
-            verdict = ("differs from ours (`" + setting.protocol.name + "`): " + "; ".join(diffs)) if diffs else (
-                f"matches ours (`{setting.protocol.name}`) in start type, epsilon, cap and length as far as stated")
-            lines.append(f"  - this protocol {verdict}")
+            lines.append(f"  - this protocol {comparison_verdict(setting.protocol, frames, pp, quote='`')}")
         if pp.reporting == "best snapshot":
             lines.append("  - the paper reports its best snapshot: compare with our best evaluation score")
     if ref.dopamine_agent:

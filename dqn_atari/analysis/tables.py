@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dqn_atari.analysis.protocol import fmt_frames, parse_paper_protocol
+from dqn_atari.analysis.protocol import comparison_verdict, fmt_frames, parse_paper_protocol
 from dqn_atari.analysis.reference import DEFAULT_REFERENCE_ROOT, Reference, load_reference, warn_missing_hns
 from dqn_atari.analysis.scores import (
     DEFAULT_RUNS_ROOT,
@@ -203,7 +203,9 @@ def variant_table(
         while header in table.columns:  # protocols that differ only in what the label leaves out (e.g. seeds)
             header += "'"
         table[header] = [fmt_value(scores[k]) if k in scores.index else "-" for k in keys]
-        notes.append(f"{algorithm}: protocol '{protocol}'; source: {rows['source'].iloc[0]}")
+        verdicts = [comparison_verdict(setting.protocol, sub.loc[sub["setting"] == setting, "frames_trained"].max(),
+                                       parse_paper_protocol(protocol)) for setting in settings]
+        notes.append(f"{algorithm}: protocol '{protocol}'; {'; '.join(verdicts)}; source: {rows['source'].iloc[0]}")
     if paper.empty:
         notes.append(f"no published per-game scores are mapped for variant '{variant}' on these games.")
     notes.append("the papers' per-game tables give no spread over seeds.")
