@@ -146,11 +146,10 @@ def evaluate(agent: Agent, cfg: Config, eval_index: int, episodes: int | None = 
     started = int(counted.sum())
     obs, _ = env.reset()
     steps = 0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
 
-        bar = tqdm(total=episodes, unit="episode", desc=f"evaluation {eval_index}", leave=False, dynamic_ncols=True)
+    bar = tqdm(total=episodes, unit="episode", desc=f"evaluation {eval_index}", leave=False, dynamic_ncols=True,
+               disable=not progress)
     # Noisy nets are evaluated with their mean weights (noise off), as Dopamine and the common Rainbow
     # implementations do; the training noise is restored afterwards.
     noise_was_on = agent.online.noise_enabled
@@ -168,15 +167,13 @@ def evaluate(agent: Agent, cfg: Config, eval_index: int, episodes: int | None = 
                 for i in np.flatnonzero(info["episode_end"]):
                     if counted[i]:
                         scores.append(float(info["episode_return"][i]))
-                        if bar is not None:
-                            bar.update(1)
+                        bar.update(1)
                     counted[i] = started < episodes
                     started += int(counted[i])
     finally:
         agent.online.set_noise(noise_was_on)
         env.close()
-        if bar is not None:
-            bar.close()
+        bar.close()
     return scores
 
 
