@@ -91,6 +91,10 @@ def ours(game: str, steps: int, capacity: int, device: str, tmp: Path, k: int = 
     # The loop's own clock (counters.wall_time, restored on resume) leaves out the resume itself and the
     # checkpoint written at the stop, which would otherwise weigh on a short timed part.
     elapsed = trainers[0].counters.wall_time - warmed[0].counters.wall_time
+    done = trainers[0].counters.agent_step - warmed[0].counters.agent_step
+    if done < steps:  # a signal (a time limit's SIGTERM, say) stopped the runs, which checkpointed and returned
+        raise SystemExit(f"The timed part was stopped after {done:,} of {steps:,} agent steps (a signal?); no figures "
+                         f"for it. Give the benchmark more time.")
     # Latencies of the two pieces (for k runs: one batched call for all of them), on the trained agents.
     group = AgentGroup([t.agent for t in trainers])
     obs = [t.obs for t in trainers]

@@ -6,14 +6,20 @@
 #
 #     bash scripts/gpu_bench.sh            # figures and logs in $OUT (default results/benchmarks/gpu)
 #
-# It checks the CUDA replay store against the NumPy one, then times training on real Atari with learning on
-# (scripts/bench_train.py) eagerly and with compile=true: one faithful run, the env alone, the plain loop and
-# K runs in one process. Every step has a time limit, 9 minutes in all at most (an estimate: it has not run on
-# a GPU yet), so a step that fails or hangs leaves the others' results.
+# 1. the CUDA replay store against the NumPy one (tests/test_replay.py -k cuda);
+# 2. training speed on real Atari with learning on (scripts/bench_train.py), eagerly and with compile=true:
+#    one faithful run, the env alone, a plain single-file style loop, and K runs in one process;
+# 3. PONG_SECONDS (default 100; 0 skips it) of a real Nature DQN training run on Pong through
+#    `python -m dqn_atari train`, evaluations included, whose train.csv gives the learning-phase agent steps/s
+#    of the whole pipeline and so the wall time of a 10M-frame run; the run directory comes back as a tarball.
+# Every step has its own time limit, under 9 minutes in all, so a step that fails or hangs leaves the others'
+# results. DEVICE=cpu (with small STEPS, WARM, K, PONG_SECONDS) rehearses the whole script on a CPU machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/benchmarks/gpu}
-K=${K:-16}
+DEVICE=${DEVICE:-cuda}
+K=${K:-16} STEPS=${STEPS:-1500} WARM=${WARM:-1000} PONG_SECONDS=${PONG_SECONDS:-100}
+PONG_RUNS=${PONG_RUNS:-/tmp/gpu_bench_runs}  # a second call on the same machine resumes the Pong run from here
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
     timeout 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -21,13 +27,23 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-timeout 60 python3 -c "import ale_py, gymnasium, torch; assert torch.cuda.is_available(), 'torch sees no GPU'" || {
+timeout 60 python3 -c "import ale_py, gymnasium, torch; assert '$DEVICE' == 'cpu' or torch.cuda.is_available(), 'torch sees no GPU'" || {
     echo "needs ale-py, gymnasium and a CUDA torch: make gpu-wheels, and bring .whl/ along"; exit 1; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.csv"
-timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_replay.py -k cuda 2>&1 | tee "$OUT/cuda_tests.log"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+  python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__)"; } | tee "$OUT/gpu.csv"
+if [ "$DEVICE" != cpu ]; then
+    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_replay.py -k cuda 2>&1 | tee "$OUT/cuda_tests.log"
+fi
 for mode in eager compile; do
     flag=$([ "$mode" = compile ] && echo --compile)
-    timeout 180 python3 scripts/bench_train.py --device cuda $flag --k "$K" --steps 1500 --warm 1000 \
+    limit=$([ "$mode" = compile ] && echo 190 || echo 170)
+    timeout "$limit" python3 scripts/bench_train.py --device "$DEVICE" $flag --k "$K" --steps "$STEPS" --warm "$WARM" \
         --capacity 100000 --rounds 1 --out "$OUT/bench_train_$mode.json" 2>&1 | tee "$OUT/bench_train_$mode.log"
 done
+if [ "$PONG_SECONDS" -gt 0 ]; then
+    # SIGTERM: the run checkpoints and stops; -k: killed if that checkpoint (up to GBs of replay) takes too long.
+    timeout -k 20 "$PONG_SECONDS" python3 -m dqn_atari train --no-progress configs/nature_dqn.yaml env.game=Pong \
+        device="$DEVICE" runs_root="$PONG_RUNS" 2>&1 | tee "$OUT/pong.log"
+    tar -C "$PONG_RUNS" -czf "$OUT/pong_run.tar.gz" --exclude='checkpoint*' --exclude='*.safetensors' --exclude='*.npy' .
+fi
 ls -l "$OUT"

@@ -1,0 +1,147 @@
+"""Where one faithful training run's time goes, on any device: the training loop's Python profile over timed
+agent steps with learning on (real Atari, the Nature config), then one update split into its pieces (each
+timed alone, the device synchronised around it), then torch's profiler over a few updates.
+
+    python scripts/profile_train.py [--game Breakout] [--device auto] [--steps 1000] [--warm 1000] [--k 1]
+        [--compile]
+
+With --k K, seeds 1..K train together in one process (dqn_atari.agent_group), as bench_train.py's (c); the
+update pieces are then those of seed 1 alone.
+
+A diagnostic for the speed work (README, "Speed"), not a benchmark: its figures are not ratios and nothing is
+written; bench_train.py measures the speed itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dqn_atari.cli import build_config  # noqa: E402
+from dqn_atari.train import Trainer, env_backend_for, train_together  # noqa: E402
+
+
+def timed(fn, device: torch.device, repeats: int = 50) -> float:
+    """Median milliseconds of ``fn()``, the device synchronised before and after each call."""
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
+def cuda_variants(agent, b, device: torch.device) -> None:
+    """The whole update (loss, backward, optimizer step) with cuDNN's autotuner on, then captured once in a CUDA
+    graph and replayed (the ceiling without Python and launch costs): median ms, as above. Trains the agent."""
+    def step():
+        agent.optimizer.zero_grad(set_to_none=True)
+        agent._loss(agent.online, agent.target, b, **agent.loss_args)[0].backward()
+        agent.optimizer.step()
+
+    torch.backends.cudnn.benchmark = True
+    print(f"  {'update, cudnn.benchmark on':30s} {timed(step, device):8.3f}")
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        print(f"  {'update, one CUDA graph replay':30s} {timed(graph.replay, device):8.3f}")
+    except Exception as exc:  # a diagnostic: say why, and go on
+        print(f"  CUDA graph capture failed: {exc!r}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--game", default="Breakout")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--steps", type=int, default=1000, help="profiled agent steps with learning on")
+    parser.add_argument("--warm", type=int, default=1000, help="random steps, then as many learning, first")
+    parser.add_argument("--k", type=int, default=1, help="runs trained together")
+    parser.add_argument("--compile", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfgs = [build_config(ROOT / "configs" / "nature_dqn.yaml", [f"seed={seed}",
+            f"env.game={args.game}", f"runs_root={tmp}", f"device={args.device}", "replay.capacity=100000",
+            f"train.replay_start_steps={args.warm}", f"train.frames={4 * (2 * args.warm + args.steps)}",
+            "eval.period_steps=100000000", "train.checkpoint_period_steps=100000000", f"compile={args.compile}",
+            "train.epsilon_start=0.1"]) for seed in range(1, args.k + 1)]
+        backend = env_backend_for(args.k)
+        warmed = [Trainer(cfg, progress=False, env_backend=backend) for cfg in cfgs]
+        train_together(warmed, interrupt_at_step=2 * args.warm)
+        trainers = [Trainer(cfg, progress=False, env_backend=backend) for cfg in cfgs]
+        resumed_at = warmed[0].counters.wall_time  # the loop's clock where the profiled part resumes
+        profiler = cProfile.Profile()
+        t0 = time.perf_counter()
+        profiler.runcall(train_together, trainers, interrupt_at_step=2 * args.warm + args.steps)
+        trainer = trainers[0]
+        done = trainer.counters.agent_step - 2 * args.warm
+        elapsed = trainer.counters.wall_time - resumed_at  # the loop's own clock: no resume, no checkpoint
+        print(f"\n{args.k} run(s) x {done} agent steps: {args.k * done / (time.perf_counter() - t0):.0f} agent "
+              f"steps/s with resume and checkpoint, {args.k * done / elapsed:.0f} by the loop's clock "
+              f"({'compile' if args.compile else 'eager'}, {trainer.agent.device}; slowed by the profiler)")
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+        print(text.getvalue())
+
+        agent, replay = trainer.agent, trainer.replay
+        device = agent.device
+        batch = replay.sample(32)
+        b = agent._to_device(batch)
+        pieces = {"replay.sample(32)": lambda: replay.sample(32), "batch to device": lambda: agent._to_device(batch)}
+
+        def forward():
+            return agent._loss(agent.online, agent.target, b, **agent.loss_args)[0]
+
+        def backward():
+            agent.optimizer.zero_grad(set_to_none=True)
+            forward().backward()
+
+        pieces.update({"loss (forward)": forward, "loss + backward": backward, "optimizer step": agent.optimizer.step,
+                       "whole update (agent.update)": lambda: agent.update(batch)})
+        print("one update, piece by piece (median ms, synchronised):")
+        for name, fn in pieces.items():
+            print(f"  {name:30s} {timed(fn, device):8.3f}")
+        obs = trainer.obs
+        print(f"  {'act (batch of 1, to host)':30s} {timed(lambda: agent.greedy(obs), device):8.3f}")
+        if device.type == "cuda":
+            cuda_variants(agent, b, device)
+
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(20):
+                agent.update(batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        print("\ntorch profiler, 20 updates, by self CPU time:")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+        if device.type == "cuda":
+            print("by self CUDA time:")
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
+
+
+if __name__ == "__main__":
+    main()
