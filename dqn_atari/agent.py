@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from dqn_atari.config import Config
+from dqn_atari.cuda_graphs import Graphed
 from dqn_atari.losses import td_loss
 from dqn_atari.networks import build_network
 
@@ -67,8 +68,9 @@ def make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
     a = cfg.agent
     if a.optimizer == "rmsprop_nature":
         return NatureRMSprop(params, lr=a.lr, decay=a.rms_decay, eps=a.rms_eps, compiled=cfg.compile)
-    # Rainbow (Hessel et al. 2018, Table 1): Adam with lr 6.25e-5 and eps 1.5e-4.
-    return torch.optim.Adam(params, lr=a.lr, eps=a.adam_eps)
+    # Rainbow (Hessel et al. 2018, Table 1): Adam with lr 6.25e-5 and eps 1.5e-4. capturable: its step count
+    # lives on the device, so that a CUDA graph can replay the step (the same arithmetic).
+    return torch.optim.Adam(params, lr=a.lr, eps=a.adam_eps, capturable=cfg.cuda_graph)
 
 
 @functools.cache
@@ -131,6 +133,9 @@ class Agent:
         self.device = torch.device(device)
         if cfg.compile:
             check_compile(self.device)
+        if cfg.cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph=true needs a CUDA device, and this run is on {self.device}: set device=cuda "
+                             f"(or auto on a machine with a GPU), or cuda_graph=false.")
         n = cfg.network
         self.online = build_network(
             tuple(obs_shape), num_actions, torso=n.torso, mlp_hidden=tuple(n.mlp_hidden), head=n.head,
@@ -146,6 +151,13 @@ class Agent:
         # Acting randomness (epsilon draws and random actions) has its own stream, saved in checkpoints.
         self.rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0xAC7]))
         self.updates = 0
+        # cuda_graph=true: the update and the greedy action replay CUDA graphs (dqn_atari.cuda_graphs).
+        self._graphs = [Graphed(self._step), Graphed(self._greedy)] if cfg.cuda_graph else None
+
+    def reset_graphs(self) -> None:
+        """Forget the captured graphs (after the optimizer's state or the parameters were replaced)."""
+        for graph in self._graphs or []:
+            graph.reset()
 
     # -- acting ------------------------------------------------------------------------------------------
     def _frames(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,7 +170,10 @@ class Agent:
     @torch.no_grad()
     def greedy(self, obs: np.ndarray) -> np.ndarray:
         x = self._frames(torch.as_tensor(obs, device=self.device))
-        return self.online(x).q.argmax(dim=1).cpu().numpy()
+        return (self._graphs[1](x) if self._graphs else self._greedy(x)).cpu().numpy()
+
+    def _greedy(self, x: torch.Tensor) -> torch.Tensor:
+        return self.online(x).q.argmax(dim=1)
 
     def act(self, obs: np.ndarray, epsilon: float, rng: np.random.Generator | None = None) -> np.ndarray:
         """Epsilon-greedy over the batch of observations, drawing from ``rng`` (default: the training
@@ -193,13 +208,18 @@ class Agent:
             self.online.reset_noise()
             self.target.reset_noise()
         b = self._to_device(batch)
+        stats, priority = self._graphs[0](b) if self._graphs else self._step(b)
+        self.updates += 1
+        return stats, priority
+
+    def _step(self, b) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The update's tensor work on a batch already on the device: loss, backward, optimizer step."""
         loss, priority, q_tm1 = self._loss(self.online, self.target, b, **self.loss_args)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.agent.max_grad_norm > 0:
-            nn.utils.clip_grad_norm_(self.online.parameters(), cfg.agent.max_grad_norm)
+        if self.cfg.agent.max_grad_norm > 0:
+            nn.utils.clip_grad_norm_(self.online.parameters(), self.cfg.agent.max_grad_norm)
         self.optimizer.step()
-        self.updates += 1
         stats = {"loss": loss.detach(), "q_mean": q_tm1.mean(), "q_max": q_tm1.max(), "q_min": q_tm1.min()}
         return stats, priority
 

@@ -30,6 +30,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from dqn_atari.agent import Agent, make_optimizer, update_loss
+from dqn_atari.cuda_graphs import Graphed
 
 
 class _Bound:
@@ -91,10 +92,13 @@ class AgentGroup:
         self.batched = len(agents) > 1 and batch_runs(self.cfg, self.device)
         if self.batched:
             self._tie()
+            self._step_graph = Graphed(self._step) if self.cfg.cuda_graph else None
 
     # -- stacking -----------------------------------------------------------------------------------------
     def _tie(self) -> None:
         agents = self.agents
+        for agent in agents:  # their parameters are about to become views of the stacked ones
+            agent.reset_graphs()
         # The optimizers' states (empty before the first update) are stacked like the parameters.
         old_params = [list(a.online.parameters()) for a in agents]
         old_states = [[a.optimizer.state.get(p, {}) for p in params] for a, params in zip(agents, old_params)]
@@ -164,10 +168,7 @@ class AgentGroup:
                     agent.online.reset_noise()
                     agent.target.reset_noise()
         batch = _stack_batches(batches, self.device)
-        grads, (loss, priority, q_tm1) = vmap(self._grad)(self.online, self.target, batch)
-        for p, g in zip(self.params, grads):
-            p.grad = g
-        self.optimizer.step()
+        loss, priority, q_tm1 = self._step_graph(batch) if self._step_graph else self._step(batch)
         if not self._state_shared:  # the optimizer's state exists from its first step on
             self._share_optimizer_state()
         for agent in self.agents:
@@ -175,6 +176,15 @@ class AgentGroup:
         q_mean, q_max, q_min = q_tm1.mean(dim=1), q_tm1.amax(dim=1), q_tm1.amin(dim=1)
         return [({"loss": loss[k], "q_mean": q_mean[k], "q_max": q_max[k], "q_min": q_min[k]}, priority[k])
                 for k in range(len(self.agents))]
+
+    def _step(self, batch: Any) -> tuple[torch.Tensor, ...]:
+        """The batched update's tensor work: every run's gradient, then one optimizer step on the stacked
+        tensors. Returns the runs' (loss, priority, q_tm1), stacked."""
+        grads, aux = vmap(self._grad)(self.online, self.target, batch)
+        for p, g in zip(self.params, grads):
+            p.grad = g
+        self.optimizer.step()
+        return aux
 
     def _grad(self, online: dict, target: dict, batch: Any) -> tuple[list[torch.Tensor], tuple]:
         """One run's gradient (vmapped over runs): Agent.update's loss, reduction and gradient clipping."""

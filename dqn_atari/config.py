@@ -236,7 +236,7 @@ class EvalConfig:
 
 
 # Where and how a run executes, not what it computes: free to change between a run and its resume.
-RUN_LOCAL_KEYS = ("runs_root", "device", "force", "torch_threads", "compile")
+RUN_LOCAL_KEYS = ("runs_root", "device", "force", "torch_threads", "compile", "cuda_graph")
 
 
 @dataclass(frozen=True)
@@ -257,6 +257,10 @@ class Config:
     """Run the learning update (loss, backward, optimizer step) through torch.compile. Same algorithm, same
     batches; floats agree with the eager update to rounding only. Costs ~20 s of compiling at the start of
     a process (~4 s once it is in inductor's disk cache) and, on CPU, needs a C++ compiler. See README, Speed."""
+    cuda_graph: bool = False
+    """CUDA only: run the update and the greedy action as captured CUDA graphs (dqn_atari.cuda_graphs), which
+    skips Python's ~120 kernel launches per update. The same kernels; not yet for noisy nets or IQN, nor with
+    compile=true. Not yet timed in training (README, Speed)."""
     env: EnvConfig = field(default_factory=EnvConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
@@ -268,6 +272,13 @@ class Config:
         _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device) is not None,
                f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}.")
         _check(self.torch_threads >= 0, f"torch_threads must be >= 0 (0: torch's default), got {self.torch_threads}.")
+        if self.cuda_graph:
+            _check(not self.compile, "cuda_graph=true and compile=true do not go together: choose one.")
+            # Noisy nets switch their noise off to evaluate (a Python branch a graph would freeze), and IQN draws
+            # its quantile fractions inside the network.
+            _check(not self.network.noisy and self.network.head != "iqn",
+                   f"cuda_graph=true does not support noisy nets or IQN yet (network.noisy={self.network.noisy}, "
+                   f"network.head={self.network.head}): set cuda_graph=false.")
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))

@@ -334,7 +334,9 @@ class Trainer:
             if k.startswith("optim."):
                 _, idx, key = k.split(".", 2)
                 opt_state.setdefault(int(idx), {})[key] = v.to(self.device) if v.dim() > 0 else v
-        a.optimizer.load_state_dict({"state": opt_state, "param_groups": state["optim_param_groups"]})
+        a.optimizer.load_state_dict({"state": opt_state,
+                                     "param_groups": steps_as_now(a.optimizer, state["optim_param_groups"])})
+        a.reset_graphs()  # the optimizer's state tensors were replaced
         a.updates = state["agent_updates"]
         a.rng.bit_generator.state = state["rng_agent"]
         self.torch_rng = {k: tensors[f"rng.{k}"] for k in self.torch_rng}
@@ -515,6 +517,15 @@ class Trainer:
         self.run.mark_done(summary)
         shutil.rmtree(self.ckpt_root, ignore_errors=True)
         print(f"Done: {self.run.path} (final evaluation mean {summary['final_eval_mean']:.1f}).")
+
+
+def steps_as_now(optimizer: torch.optim.Optimizer, saved_groups: list[dict]) -> list[dict]:
+    """Saved parameter groups with this process's ``capturable`` flag (Adam: whether its step count lives on the
+    device, set by cuda_graph): how the optimizer steps is run-local, so a run checkpointed with CUDA graphs
+    resumes on a CPU, and the other way round."""
+    if "capturable" not in optimizer.param_groups[0]:
+        return saved_groups
+    return [{**g, "capturable": optimizer.param_groups[0]["capturable"]} for g in saved_groups]
 
 
 def train_together(trainers: list[Trainer], interrupt_at_step: int | None = None) -> list[RunDir]:

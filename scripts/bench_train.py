@@ -4,7 +4,7 @@ envs alone, stepped together), and a plain single-file style DQN loop at the sam
 this run.
 
     python scripts/bench_train.py [--game Breakout] [--steps 800] [--capacity 100000] [--device auto] [--k 4]
-        [--warm 1000] [--rounds 3] [--compile] [--cleanrl DIR --cleanrl-python PYTHON]
+        [--warm 1000] [--rounds 3] [--compile | --cuda-graph] [--cleanrl DIR --cleanrl-python PYTHON]
 
 The plain loop is written here the way the well-known single-file implementations are (gymnasium's Python
 wrappers, a replay of full obs and next-obs stacks, one batch-1 forward per step, the update in the same
@@ -74,13 +74,13 @@ def env_alone(game: str, steps: int, k: int = 1) -> float:
 
 
 def ours(game: str, steps: int, capacity: int, device: str, tmp: Path, k: int = 1, warm: int = 1000,
-         compile: bool = False) -> dict:
+         speed: tuple[str, ...] = ()) -> dict:
     """Agent steps/s of seeds 1..k trained together (k = 1: one run), all runs counted, learning on."""
     cfgs = [build_config(ROOT / "configs" / "nature_dqn.yaml", [
         f"env.game={game}", f"runs_root={tmp / f'k{k}'}", f"device={device}", f"replay.capacity={capacity}",
         f"train.replay_start_steps={warm}", f"train.frames={4 * (2 * warm + steps)}", f"seed={seed}",
         "eval.period_steps=100000000", "train.checkpoint_period_steps=100000000",
-        f"compile={compile}", "train.epsilon_start=0.1"])  # acting uses the network, as in the plain loop
+        "train.epsilon_start=0.1", *speed])  # acting uses the network, as in the plain loop; speed: compile etc.
         for seed in range(1, k + 1)]
     # Random play, then learning on for `warm` steps; then the timed part, resumed from that checkpoint.
     backend = env_backend_for(k)  # as train_runs
@@ -262,12 +262,14 @@ def main() -> None:
     parser.add_argument("--warm", type=int, default=1000,
                         help="agent steps of random play, then as many with learning on, before the timed steps")
     parser.add_argument("--compile", action="store_true", help="(a) and (c) with compile=true (torch.compile)")
+    parser.add_argument("--cuda-graph", action="store_true", help="(a) and (c) with cuda_graph=true (CUDA graphs)")
     parser.add_argument("--cleanrl", type=Path, help="a CleanRL checkout: also time its dqn_atari.py each round")
     parser.add_argument("--cleanrl-python", default=sys.executable,
                         help="the Python of CleanRL's environment (default: this one)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "benchmarks" / "bench_train.json",
                         help="where the JSON goes (default: results/benchmarks/bench_train.json)")
     args = parser.parse_args()
+    speed = (f"compile={args.compile}", f"cuda_graph={args.cuda_graph}")
 
     with tempfile.TemporaryDirectory() as tmp:
         env_rate = env_alone(args.game, max(2000, args.steps))
@@ -277,7 +279,7 @@ def main() -> None:
         rounds, cleanrl_rounds = [], []
         for r in range(args.rounds):
             stats = ours(args.game, args.steps, args.capacity, args.device, Path(tmp) / f"round{r}", 1, args.warm,
-                         args.compile)
+                         speed)
             print(f"one faithful run (learning on):        {stats['steps_per_s']:8.1f} agent steps/s "
                   f"(act {stats['act_ms']:.2f} ms, update {stats['update_ms']:.1f} ms)", flush=True)
             plain = plain_loop(args.game, args.steps, args.capacity, args.device, args.warm)
@@ -297,13 +299,13 @@ def main() -> None:
               f"GFLOP/s; dense matrix product here: {matmul:.0f} GFLOP/s (ratio {update_rate / matmul:.2f})", flush=True)
         env_k = env_alone(args.game, max(2000, args.steps), args.k)
         print(f"{args.k} envs alone, stepped together:      {env_k:8.1f} agent steps/s (all envs)", flush=True)
-        k_stats = ours(args.game, args.steps, args.capacity, args.device, Path(tmp), args.k, args.warm, args.compile)
+        k_stats = ours(args.game, args.steps, args.capacity, args.device, Path(tmp), args.k, args.warm, speed)
         k_runs = k_stats["steps_per_s"]
         print(f"{args.k} runs in one process (learning on): {k_runs:8.1f} agent steps/s (all runs) (act "
               f"{k_stats['act_ms']:.2f} ms, update {k_stats['update_ms']:.1f} ms, for all {args.k})", flush=True)
     result = {
         "name": "bench_train", "game": args.game, "device": str(resolve_device(args.device)),
-        "compile": args.compile, "timed_steps": args.steps, "warm_steps": args.warm, "replay_capacity": args.capacity, "machine": machine_info(),
+        "compile": args.compile, "cuda_graph": args.cuda_graph, "timed_steps": args.steps, "warm_steps": args.warm, "replay_capacity": args.capacity, "machine": machine_info(),
         "env_alone_steps_per_s": env_rate, "one_run_steps_per_s": ours_stats["steps_per_s"],
         "plain_loop_steps_per_s": plain, "act_ms": ours_stats["act_ms"], "update_ms": ours_stats["update_ms"],
         "update_gflop": ours_stats["update_gflop"], "update_gflop_per_s": update_rate, "matmul_gflop_per_s": matmul,

@@ -6,19 +6,23 @@
 #
 #     bash scripts/gpu_bench.sh            # figures and logs in $OUT (default results/benchmarks/gpu)
 #
-# 1. the CUDA replay store against the NumPy one (tests/test_replay.py -k cuda);
-# 2. training speed on real Atari with learning on (scripts/bench_train.py), eagerly and with compile=true:
-#    one faithful run, the env alone, a plain single-file style loop, and K runs in one process;
+# 1. the CUDA tests: the CUDA replay store against the NumPy one, CUDA graphs against plain updates;
+# 2. training speed on real Atari with learning on (scripts/bench_train.py) in each of MODES (default "eager
+#    graph"; also "compile"): one faithful run, the env alone, a plain single-file style loop, and K runs in one
+#    process;
 # 3. PONG_SECONDS (default 100; 0 skips it) of a real Nature DQN training run on Pong through
-#    `python -m dqn_atari train`, evaluations included, whose train.csv gives the learning-phase agent steps/s
-#    of the whole pipeline and so the wall time of a 10M-frame run; the run directory comes back as a tarball.
+#    `python -m dqn_atari train $PONG_ARGS` (default cuda_graph=true), evaluations included, whose train.csv
+#    gives the learning-phase agent steps/s of the whole pipeline and so the wall time of a 10M-frame run; the
+#    run directory comes back as a tarball.
 # Every step has its own time limit, under 9 minutes in all, so a step that fails or hangs leaves the others'
-# results. DEVICE=cpu (with small STEPS, WARM, K, PONG_SECONDS) rehearses the whole script on a CPU machine.
+# results. `DEVICE=cpu MODES=eager PONG_ARGS= K=2 STEPS=200 WARM=200 PONG_SECONDS=60` rehearses the whole script
+# on a CPU machine (CUDA graphs need a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/benchmarks/gpu}
 DEVICE=${DEVICE:-cuda}
-K=${K:-16} STEPS=${STEPS:-1500} WARM=${WARM:-1000} PONG_SECONDS=${PONG_SECONDS:-100}
+K=${K:-16} STEPS=${STEPS:-1500} WARM=${WARM:-1000} MODES=${MODES:-eager graph}
+PONG_SECONDS=${PONG_SECONDS:-100} PONG_ARGS=${PONG_ARGS-cuda_graph=true}
 PONG_RUNS=${PONG_RUNS:-/tmp/gpu_bench_runs}  # a second call on the same machine resumes the Pong run from here
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -32,18 +36,18 @@ timeout 60 python3 -c "import ale_py, gymnasium, torch; assert '$DEVICE' == 'cpu
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
   python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__)"; } | tee "$OUT/gpu.csv"
 if [ "$DEVICE" != cpu ]; then
-    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_replay.py -k cuda 2>&1 | tee "$OUT/cuda_tests.log"
+    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_replay.py tests/test_cuda_graphs.py -k cuda 2>&1 | tee "$OUT/cuda_tests.log"
 fi
-for mode in eager compile; do
-    flag=$([ "$mode" = compile ] && echo --compile)
-    limit=$([ "$mode" = compile ] && echo 190 || echo 170)
+for mode in $MODES; do
+    case $mode in eager) flag= limit=170 ;; graph) flag=--cuda-graph limit=170 ;; compile) flag=--compile limit=190 ;;
+        *) echo "unknown mode $mode (eager, graph, compile)"; continue ;; esac
     timeout "$limit" python3 scripts/bench_train.py --device "$DEVICE" $flag --k "$K" --steps "$STEPS" --warm "$WARM" \
         --capacity 100000 --rounds 1 --out "$OUT/bench_train_$mode.json" 2>&1 | tee "$OUT/bench_train_$mode.log"
 done
 if [ "$PONG_SECONDS" -gt 0 ]; then
     # SIGTERM: the run checkpoints and stops; -k: killed if that checkpoint (up to GBs of replay) takes too long.
     timeout -k 20 "$PONG_SECONDS" python3 -m dqn_atari train --no-progress configs/nature_dqn.yaml env.game=Pong \
-        device="$DEVICE" runs_root="$PONG_RUNS" 2>&1 | tee "$OUT/pong.log"
+        device="$DEVICE" runs_root="$PONG_RUNS" $PONG_ARGS 2>&1 | tee "$OUT/pong.log"
     tar -C "$PONG_RUNS" -czf "$OUT/pong_run.tar.gz" --exclude='checkpoint*' --exclude='*.safetensors' --exclude='*.npy' .
 fi
 ls -l "$OUT"

@@ -3,7 +3,7 @@ agent steps with learning on (real Atari, the Nature config), then one update sp
 timed alone, the device synchronised around it), then torch's profiler over a few updates.
 
     python scripts/profile_train.py [--game Breakout] [--device auto] [--steps 1000] [--warm 1000] [--k 1]
-        [--compile]
+        [--compile | --cuda-graph]
 
 With --k K, seeds 1..K train together in one process (dqn_atari.agent_group), as bench_train.py's (c); the
 update pieces are then those of seed 1 alone.
@@ -80,12 +80,14 @@ def main() -> None:
     parser.add_argument("--warm", type=int, default=1000, help="random steps, then as many learning, first")
     parser.add_argument("--k", type=int, default=1, help="runs trained together")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--cuda-graph", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cfgs = [build_config(ROOT / "configs" / "nature_dqn.yaml", [f"seed={seed}",
             f"env.game={args.game}", f"runs_root={tmp}", f"device={args.device}", "replay.capacity=100000",
             f"train.replay_start_steps={args.warm}", f"train.frames={4 * (2 * args.warm + args.steps)}",
             "eval.period_steps=100000000", "train.checkpoint_period_steps=100000000", f"compile={args.compile}",
+            f"cuda_graph={args.cuda_graph}",
             "train.epsilon_start=0.1"]) for seed in range(1, args.k + 1)]
         backend = env_backend_for(args.k)
         warmed = [Trainer(cfg, progress=False, env_backend=backend) for cfg in cfgs]
@@ -100,7 +102,7 @@ def main() -> None:
         elapsed = trainer.counters.wall_time - resumed_at  # the loop's own clock: no resume, no checkpoint
         print(f"\n{args.k} run(s) x {done} agent steps: {args.k * done / (time.perf_counter() - t0):.0f} agent "
               f"steps/s with resume and checkpoint, {args.k * done / elapsed:.0f} by the loop's clock "
-              f"({'compile' if args.compile else 'eager'}, {trainer.agent.device}; slowed by the profiler)")
+              f"({'compile' if args.compile else 'cuda_graph' if args.cuda_graph else 'eager'}, {trainer.agent.device}; slowed by the profiler)")
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
         print(text.getvalue())
