@@ -69,7 +69,8 @@ def make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
     if a.optimizer == "rmsprop_nature":
         return NatureRMSprop(params, lr=a.lr, decay=a.rms_decay, eps=a.rms_eps, compiled=cfg.compile)
     # Rainbow (Hessel et al. 2018, Table 1): Adam with lr 6.25e-5 and eps 1.5e-4. capturable: its step count
-    # lives on the device, so that a CUDA graph can replay the step (the same arithmetic).
+    # lives on the device, so that a CUDA graph can replay the step (the same update, its bias corrections
+    # rounded in float32 on the device instead of in Python's doubles).
     return torch.optim.Adam(params, lr=a.lr, eps=a.adam_eps, capturable=cfg.cuda_graph)
 
 
@@ -151,7 +152,8 @@ class Agent:
         # Acting randomness (epsilon draws and random actions) has its own stream, saved in checkpoints.
         self.rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0xAC7]))
         self.updates = 0
-        # cuda_graph=true: the update and the greedy action replay CUDA graphs (dqn_atari.cuda_graphs).
+        # cuda_graph=true: this agent's update and greedy action replay CUDA graphs (dqn_atari.cuda_graphs). K runs
+        # trained together use the group's graphed update instead, and act through the group's (eager) vmap.
         self._graphs = [Graphed(self._step), Graphed(self._greedy)] if cfg.cuda_graph else None
 
     def reset_graphs(self) -> None:

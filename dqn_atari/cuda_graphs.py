@@ -4,7 +4,8 @@ On a GPU the Nature-CNN update is bound by launching its ~120 kernels from Pytho
 it took 3.9 ms eagerly against 0.6 ms of GPU work, and the same update captured once in a CUDA graph replayed
 in 0.62 ms (results/benchmarks/gpu/README.md). :class:`Graphed` wraps a function of tensors so that it runs as
 such a graph: the same kernels on the same memory, so the same floats as calling it (up to the algorithms
-cuDNN picks), without the Python.
+cuDNN picks), without the Python. (Adam is built ``capturable`` under ``cuda_graph=true``: it then computes its
+bias corrections on the device in float32, which changes its last bits against the plain Adam.)
 
 How a call runs, per input signature (the shapes and dtypes of the tensors passed in):
 
@@ -33,10 +34,13 @@ MAX_GRAPHS = 4
 
 
 def cuda_capture(fn: Callable[..., Any], inputs: tuple) -> Callable[[], Any]:
-    """Capture ``fn(*inputs)`` in a CUDA graph; returns ``replay``, which runs it and returns its outputs (the
-    same tensors every time). Capturing records the kernels without running them."""
+    """Capture ``fn(*inputs)`` in a CUDA graph on the inputs' device; returns ``replay``, which runs it and returns
+    its outputs (the same tensors every time). Capturing records the kernels without running them."""
+    device = tree_flatten(inputs)[0][0].device
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # On that device's own stream: torch.cuda.graph's default capture stream belongs to the current device,
+    # which need not be the run's (device=cuda:1).
+    with torch.cuda.device(device), torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
         outputs = fn(*inputs)
 
     def replay() -> Any:

@@ -20,7 +20,8 @@ def load_run_agent(run_dir: Path) -> tuple[Config, Agent]:
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml). Run directories look like "
                           f"results/runs/<variant>/<game>/seed<k>/.")
     cfg = config_from_dict(run.config, where=str(run.path / "config.yaml"))
-    cfg = config_from_dict({**cfg.to_dict(), "device": "auto"})
+    # Where it runs now, not where it trained: cuda_graph=true would refuse a machine without a GPU.
+    cfg = config_from_dict({**cfg.to_dict(), "device": "auto", "cuda_graph": False})
     env = make_eval_env(cfg, 0)
     agent = Agent(cfg, tuple(env.obs_shape), env.num_actions, resolve_device(cfg.device))
     env.close()

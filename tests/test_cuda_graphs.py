@@ -97,22 +97,29 @@ def test_cuda_graph_on_cpu_is_a_clear_error():
 
 
 @needs_cuda
-@pytest.mark.parametrize("optimizer", ["rmsprop_nature", "adam"])
-def test_cuda_graph_updates_and_actions_match_plain_ones_on_gpu(optimizer):
-    torch.manual_seed(0)
-    base = ["device=cuda", f"optimizer={optimizer}", "replay.prioritized=true"]
+@pytest.mark.parametrize("overrides", [
+    ["optimizer=rmsprop_nature"], ["optimizer=adam", "max_grad_norm=10"], ["double=true", "dueling=true"],
+    ["head=c51"], ["head=qr", "target_tau=0.5"],
+], ids=["nature", "adam-clip", "double-dueling", "c51", "qr-soft-target"])
+def test_cuda_graph_updates_and_actions_match_plain_ones_on_gpu(overrides):
+    base = ["device=cuda", "replay.prioritized=true", *overrides]
     plain = Agent(load_config(None, base), (4, 84, 84), num_actions=4, device="cuda")
     graphed = Agent(load_config(None, base + ["cuda_graph=true"]), (4, 84, 84), num_actions=4, device="cuda")
     graphed.online.load_state_dict(plain.online.state_dict())
     graphed.target.load_state_dict(plain.target.state_dict())
     rng = np.random.default_rng(0)
-    for _ in range(WARMUP + 5):
+    for i in range(WARMUP + 8):
         b = batch(rng, (4, 84, 84), num_actions=4)
         (s1, p1), (s2, p2) = plain.update(b), graphed.update(b)
         torch.testing.assert_close(s2["loss"], s1["loss"], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(p2, p1, rtol=1e-4, atol=1e-5)
         obs = b.obs_t[:1]
         assert (plain.greedy(obs) == graphed.greedy(obs)).all()
+        if i % 2:  # the graphs read the target network's tensors, which a sync overwrites in place
+            plain.sync_target()
+            graphed.sync_target()
+        if i == WARMUP + 3:  # as after a restore: warm up and capture anew
+            graphed.reset_graphs()
     assert graphed._graphs[0].graphs and graphed._graphs[1].graphs
     for p, q in zip(plain.online.parameters(), graphed.online.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
@@ -133,6 +140,8 @@ def test_cuda_graph_batched_update_of_two_runs_matches_plain_one_on_gpu():
         batches = [batch(rng, (4, 84, 84), num_actions=4) for _ in range(2)]
         for (s1, _), (s2, _) in zip(plain.update(batches), graphed.update(batches)):
             torch.testing.assert_close(s2["loss"], s1["loss"], rtol=1e-4, atol=1e-5)
+        for a in plain.agents + graphed.agents:
+            a.sync_target()
     for a, b in zip(plain.agents, graphed.agents):
         for p, q in zip(a.online.parameters(), b.online.parameters()):
             torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)

@@ -103,3 +103,12 @@ def test_the_step_budget_counts_the_counted_episodes_steps_only():
     env.close()
     scores = evaluate(agent, cfg, 3)
     assert len(scores) == 2 and min(scores) > 25 and sum(scores) <= 200, scores
+
+
+def test_run_trained_with_cuda_graphs_evaluates_without_a_gpu(tmp_path):
+    run = tiny_cartpole_run(tmp_path).train(interrupt_at_step=400)
+    config = run.path / "config.yaml"
+    assert "cuda_graph: false" in config.read_text()
+    config.write_text(config.read_text().replace("cuda_graph: false", "cuda_graph: true"))  # as a GPU run records it
+    cfg, agent = load_run_agent(run.path)
+    assert not cfg.cuda_graph and agent.device.type == "cpu"
