@@ -153,7 +153,7 @@ class Agent:
         self.rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0xAC7]))
         self.updates = 0
         # cuda_graph=true: this agent's update and greedy action replay CUDA graphs (dqn_atari.cuda_graphs). K runs
-        # trained together use the group's graphed update instead, and act through the group's (eager) vmap.
+        # trained together learn and act through the group's own graphs instead.
         self._graphs = [Graphed(self._step), Graphed(self._greedy)] if cfg.cuda_graph else None
 
     def reset_graphs(self) -> None:

@@ -92,7 +92,7 @@ class AgentGroup:
         self.batched = len(agents) > 1 and batch_runs(self.cfg, self.device)
         if self.batched:
             self._tie()
-            self._step_graph = Graphed(self._step) if self.cfg.cuda_graph else None
+            self._graphs = [Graphed(self._step), Graphed(self._greedy)] if self.cfg.cuda_graph else None
 
     # -- stacking -----------------------------------------------------------------------------------------
     def _tie(self) -> None:
@@ -147,9 +147,12 @@ class AgentGroup:
                     out.append(agent.greedy(o) if need else None)
             return out
         x = torch.as_tensor(np.stack(obs), device=self.device)
+        return list((self._graphs[1](x) if self._graphs else self._greedy(x)).cpu().numpy())
+
+    def _greedy(self, x: torch.Tensor) -> torch.Tensor:
         module = self.agents[0].online
         q = vmap(lambda tensors, o: functional_call(module, tensors, (o,)).q)(self.online, x)
-        return list(q.argmax(dim=2).cpu().numpy())
+        return q.argmax(dim=2)
 
     # -- learning -----------------------------------------------------------------------------------------
     def update(self, batches: list[Any]) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
@@ -168,7 +171,7 @@ class AgentGroup:
                     agent.online.reset_noise()
                     agent.target.reset_noise()
         batch = _stack_batches(batches, self.device)
-        loss, priority, q_tm1 = self._step_graph(batch) if self._step_graph else self._step(batch)
+        loss, priority, q_tm1 = self._graphs[0](batch) if self._graphs else self._step(batch)
         if not self._state_shared:  # the optimizer's state exists from its first step on
             self._share_optimizer_state()
         for agent in self.agents:

@@ -258,8 +258,8 @@ class Config:
     batches; floats agree with the eager update to rounding only. Costs ~20 s of compiling at the start of
     a process (~4 s once it is in inductor's disk cache) and, on CPU, needs a C++ compiler. See README, Speed."""
     cuda_graph: bool = False
-    """CUDA only: run the update (for K runs in one process, their batched update) and one run's greedy action
-    as captured CUDA graphs (dqn_atari.cuda_graphs), which skips Python's ~120 kernel launches per update. The
+    """CUDA only: run the update and the greedy action (for K runs in one process, their batched ones) as
+    captured CUDA graphs (dqn_atari.cuda_graphs), which skips Python's ~120 kernel launches per update. The
     same kernels; not yet for noisy nets or IQN, nor with compile=true. Not yet run on a GPU (README, Speed)."""
     env: EnvConfig = field(default_factory=EnvConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)

@@ -140,8 +140,12 @@ def test_cuda_graph_batched_update_of_two_runs_matches_plain_one_on_gpu():
         batches = [batch(rng, (4, 84, 84), num_actions=4) for _ in range(2)]
         for (s1, _), (s2, _) in zip(plain.update(batches), graphed.update(batches)):
             torch.testing.assert_close(s2["loss"], s1["loss"], rtol=1e-4, atol=1e-5)
+        obs = [b.obs_t[:1] for b in batches]
+        for a1, a2 in zip(plain.greedy(obs, [True, True]), graphed.greedy(obs, [True, True])):
+            assert (a1 == a2).all()
         for a in plain.agents + graphed.agents:
             a.sync_target()
+    assert graphed._graphs[0].graphs and graphed._graphs[1].graphs
     for a, b in zip(plain.agents, graphed.agents):
         for p, q in zip(a.online.parameters(), b.online.parameters()):
             torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
