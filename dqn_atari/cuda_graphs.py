@@ -7,11 +7,12 @@ such a graph: the same kernels on the same memory, so the same floats as calling
 cuDNN picks), without the Python. (Adam is built ``capturable`` under ``cuda_graph=true``: it then computes its
 bias corrections on the device in float32, which changes its last bits against the plain Adam.)
 
-How a call runs, per input signature (the shapes and dtypes of the tensors passed in):
+How a call runs, per input signature (the shapes, dtypes and devices of the tensors passed in):
 
 - the first :data:`WARMUP` calls run the function as it is (real calls: an update is a real update), on a
   side stream, as PyTorch asks before a capture (lazy initialisation, workspaces);
-- the next call captures it in a graph, keeping that call's inputs as the graph's static inputs;
+- the next call captures it in a graph, on copies of that call's inputs that become the graph's static inputs,
+  and replays it;
 - every call from then on copies its inputs into the static ones and replays the graph.
 
 The outputs are cloned, since the next replay overwrites them. Python side effects of the function happen at
