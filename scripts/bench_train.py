@@ -47,10 +47,9 @@ sys.path.insert(0, str(ROOT))
 
 from dqn_atari.agent import resolve_device, update_loss  # noqa: E402
 from dqn_atari.agent_group import AgentGroup  # noqa: E402
-from dqn_atari.cli import build_config  # noqa: E402
 from dqn_atari.envs import display_name, make_env, resolve_game  # noqa: E402
 from dqn_atari.train import Trainer, env_backend_for, train_together  # noqa: E402
-from benchlib import finish, machine_info  # noqa: E402
+from benchlib import finish, machine_info, warmed_runs  # noqa: E402
 
 
 def env_alone(game: str, steps: int, k: int = 1) -> float:
@@ -76,17 +75,8 @@ def env_alone(game: str, steps: int, k: int = 1) -> float:
 def ours(game: str, steps: int, capacity: int, device: str, tmp: Path, k: int = 1, warm: int = 1000,
          speed: tuple[str, ...] = ()) -> dict:
     """Agent steps/s of seeds 1..k trained together (k = 1: one run), all runs counted, learning on."""
-    cfgs = [build_config(ROOT / "configs" / "nature_dqn.yaml", [
-        f"env.game={game}", f"runs_root={tmp / f'k{k}'}", f"device={device}", f"replay.capacity={capacity}",
-        f"train.replay_start_steps={warm}", f"train.frames={4 * (2 * warm + steps)}", f"seed={seed}",
-        "eval.period_steps=100000000", "train.checkpoint_period_steps=100000000",
-        "train.epsilon_start=0.1", *speed])  # acting uses the network, as in the plain loop; speed: compile etc.
-        for seed in range(1, k + 1)]
     # Random play, then learning on for `warm` steps; then the timed part, resumed from that checkpoint.
-    backend = env_backend_for(k)  # as train_runs
-    warmed = [Trainer(cfg, progress=False, env_backend=backend) for cfg in cfgs]
-    train_together(warmed, interrupt_at_step=2 * warm)
-    trainers = [Trainer(cfg, progress=False, env_backend=backend) for cfg in cfgs]
+    warmed, trainers = warmed_runs(game, tmp / f"k{k}", device, capacity, warm, steps, k, speed)
     train_together(trainers, interrupt_at_step=2 * warm + steps)
     # The loop's own clock (counters.wall_time, restored on resume) leaves out the resume itself and the
     # checkpoint written at the stop, which would otherwise weigh on a short timed part.

@@ -1,4 +1,5 @@
-"""What every benchmark script shares: the machine it ran on, and the closing JSON line plus its file."""
+"""What the benchmark scripts share: the machine they ran on, the closing JSON line plus its file, and the warmed-up
+faithful runs that bench_train.py times and profile_train.py profiles."""
 
 from __future__ import annotations
 
@@ -38,3 +39,24 @@ def finish(result: dict, out: str | Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
+
+
+def warmed_runs(game: str, root: Path, device: str, capacity: int, warm: int, steps: int, k: int = 1,
+                speed: tuple[str, ...] = ()) -> tuple[list, list]:
+    """Seeds 1..k of the Nature config on ``game`` (replay ``capacity``; ``speed``: overrides such as compile=true),
+    trained together through ``warm`` agent steps of random play and ``warm`` more with learning on, then
+    checkpointed. Returns (the warmed trainers, fresh trainers that resume from there for ``steps`` more)."""
+    from dqn_atari.cli import build_config
+    from dqn_atari.train import Trainer, env_backend_for, train_together
+
+    root_dir = Path(__file__).resolve().parent.parent
+    cfgs = [build_config(root_dir / "configs" / "nature_dqn.yaml", [
+        f"env.game={game}", f"runs_root={root}", f"device={device}", f"replay.capacity={capacity}",
+        f"train.replay_start_steps={warm}", f"train.frames={4 * (2 * warm + steps)}", f"seed={seed}",
+        "eval.period_steps=100000000", "train.checkpoint_period_steps=100000000",
+        "train.epsilon_start=0.1", *speed])  # acting uses the network, as in the plain loop
+        for seed in range(1, k + 1)]
+    backend = env_backend_for(k)  # as train_runs
+    warmed = [Trainer(cfg, progress=False, env_backend=backend) for cfg in cfgs]
+    train_together(warmed, interrupt_at_step=2 * warm)
+    return warmed, [Trainer(cfg, progress=False, env_backend=backend) for cfg in cfgs]

@@ -29,8 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dqn_atari.cli import build_config  # noqa: E402
-from dqn_atari.train import Trainer, env_backend_for, train_together  # noqa: E402
+from dqn_atari.cuda_graphs import Graphed  # noqa: E402
+from dqn_atari.train import train_together  # noqa: E402
+from benchlib import warmed_runs  # noqa: E402
 
 
 def timed(fn, device: torch.device, repeats: int = 50) -> float:
@@ -48,26 +49,14 @@ def timed(fn, device: torch.device, repeats: int = 50) -> float:
 
 
 def cuda_variants(agent, b, device: torch.device) -> None:
-    """The whole update (loss, backward, optimizer step) with cuDNN's autotuner on, then captured once in a CUDA
-    graph and replayed (the ceiling without Python and launch costs): median ms, as above. Trains the agent."""
-    def step():
-        agent.optimizer.zero_grad(set_to_none=True)
-        agent._loss(agent.online, agent.target, b, **agent.loss_args)[0].backward()
-        agent.optimizer.step()
-
+    """The whole update (loss, backward, optimizer step) with cuDNN's autotuner on, then through the graphed path
+    of cuda_graph=true (inputs copied in, one graph replay, outputs cloned; the first calls warm up and capture,
+    and the median leaves them out): median ms, as above. Trains the agent."""
     torch.backends.cudnn.benchmark = True
-    print(f"  {'update, cudnn.benchmark on':30s} {timed(step, device):8.3f}")
+    print(f"  {'update, cudnn.benchmark on':30s} {timed(lambda: agent._step(b), device):8.3f}")
+    graphed = Graphed(agent._step)
     try:
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        print(f"  {'update, one CUDA graph replay':30s} {timed(graph.replay, device):8.3f}")
+        print(f"  {'update, as a CUDA graph':30s} {timed(lambda: graphed(b), device):8.3f}")
     except Exception as exc:  # a diagnostic: say why, and go on
         print(f"  CUDA graph capture failed: {exc!r}")
 
@@ -83,16 +72,8 @@ def main() -> None:
     parser.add_argument("--cuda-graph", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        cfgs = [build_config(ROOT / "configs" / "nature_dqn.yaml", [f"seed={seed}",
-            f"env.game={args.game}", f"runs_root={tmp}", f"device={args.device}", "replay.capacity=100000",
-            f"train.replay_start_steps={args.warm}", f"train.frames={4 * (2 * args.warm + args.steps)}",
-            "eval.period_steps=100000000", "train.checkpoint_period_steps=100000000", f"compile={args.compile}",
-            f"cuda_graph={args.cuda_graph}",
-            "train.epsilon_start=0.1"]) for seed in range(1, args.k + 1)]
-        backend = env_backend_for(args.k)
-        warmed = [Trainer(cfg, progress=False, env_backend=backend) for cfg in cfgs]
-        train_together(warmed, interrupt_at_step=2 * args.warm)
-        trainers = [Trainer(cfg, progress=False, env_backend=backend) for cfg in cfgs]
+        warmed, trainers = warmed_runs(args.game, Path(tmp), args.device, 100_000, args.warm, args.steps, args.k,
+                                       (f"compile={args.compile}", f"cuda_graph={args.cuda_graph}"))
         resumed_at = warmed[0].counters.wall_time  # the loop's clock where the profiled part resumes
         profiler = cProfile.Profile()
         t0 = time.perf_counter()
