@@ -33,6 +33,7 @@ import pandas as pd
 from dqn_atari.config import Config, ConfigError, load_config
 from dqn_atari.envs import env_display_name
 from dqn_atari.rundir import RunDir
+from dqn_atari.sweep import words
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "control"
 VARIANTS = {"bitflip_dqn": "DQN", "bitflip_her": "DQN+HER"}  # config file -> label in Fig. 1
@@ -213,7 +214,7 @@ def her_main(argv: Sequence[str] | None = None) -> int:
 def _integers(option: str, text: str, one: bool = False):
     """The whole numbers in ``text`` (separated by spaces or commas); with ``one``, the single number it holds."""
     try:
-        numbers = [int(word) for word in text.replace(",", " ").split()]
+        numbers = [int(word) for word in words(text)]
     except ValueError:
         numbers = []
     if not numbers or (one and len(numbers) != 1):

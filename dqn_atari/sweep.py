@@ -147,7 +147,7 @@ class RunSpec:
         return cls(**{**data, "overrides": tuple(data["overrides"])})
 
 
-def _words(text: str | Sequence[str] | None) -> list[str]:
+def words(text: str | Sequence[str] | None) -> list[str]:
     """Items of a list given as "a b", "a,b" or a sequence of such strings."""
     if text is None:
         return []
@@ -158,7 +158,7 @@ def _words(text: str | Sequence[str] | None) -> list[str]:
 def parse_seeds(text: str | Sequence[str]) -> list[int]:
     """Seeds as "1 2 3", "1,2,3" or a range "1-5"."""
     seeds: list[int] = []
-    for word in _words(text):
+    for word in words(text):
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", word)
         if not m or (m.group(2) and int(m.group(2)) < int(m.group(1))):
             raise ValueError(f"Seeds are non-negative integers or ranges like 1-5; got {word!r}.")
@@ -168,10 +168,10 @@ def parse_seeds(text: str | Sequence[str]) -> list[int]:
     return list(dict.fromkeys(seeds))
 
 
-def expand_games(words: Sequence[str], reference_root: str | Path = "results/reference") -> list[str]:
+def expand_games(names: Sequence[str], reference_root: str | Path = "results/reference") -> list[str]:
     """Game names, where ``atari57`` / ``atari49`` stand for a whole suite (read from results/reference)."""
     games: list[str] = []
-    for word in words:
+    for word in names:
         if word.lower() in SUITES:
             path = Path(reference_root) / SUITES[word.lower()]
             if not path.is_file():
@@ -1014,8 +1014,8 @@ def _sweep(args: argparse.Namespace, argv: list[str]) -> int:
         resources = {k: v for k, v in (("cpus", args.cpus_per_run), ("gpus", args.gpus_per_run)) if v is not None}
         specs = [dataclasses.replace(s, **resources) for s in specs]
     else:
-        games = expand_games(_words(args.games))
-        variants = _words(args.variants)
+        games = expand_games(words(args.games))
+        variants = words(args.variants)
         if not variants:
             raise ValueError('No variants given: use e.g. --variants "nature_dqn double_dqn".')
         # Slurm runs get a whole GPU unless told otherwise; Ray decides once it sees the cluster (run_ray).
