@@ -18,7 +18,7 @@ from dqn_atari.analysis.reference import Reference, game_key
 from dqn_atari.analysis.report import write_game_report
 from dqn_atari.analysis.scores import load_runs, run_table, summarize
 from dqn_atari.analysis.stats import Strata, aggregate, bootstrap, performance_profile, t_interval
-from dqn_atari.analysis.tables import aggregates_table, variant_table
+from dqn_atari.analysis.tables import aggregates_table, fmt_value, variant_table
 from dqn_atari.analysis.variants import VARIANTS
 from dqn_atari.rundir import RunDir
 
@@ -415,6 +415,27 @@ def test_report_smoke_run_without_paper_score(tmp_path):
     write_run(root, "rainbow", "Pooyan", 1, RAINBOW, 0.5, n_evals=1, frames=10_000)
     text = write_game_report("rainbow", "Pooyan", root, REFERENCE_ROOT, tmp_path / "reports")[0].read_text()
     assert "no published score for Pooyan" in text
+
+
+@pytest.mark.filterwarnings("ignore:skipping run directory")
+def test_report_of_runs_still_training(tmp_path, capsys):
+    root, out = tmp_path / "runs", tmp_path / "reports"
+    write_run(root, "nature_dqn", "Pong", 1, NATURE, 0.5, done=False)
+    with pytest.raises(ValueError, match="--unfinished reports runs still training"):
+        write_game_report("nature_dqn", "Pong", root, REFERENCE_ROOT, out)
+    assert cli.report_main(["--runs", str(root), "--reference", str(REFERENCE_ROOT), "--out", str(out),
+                            "--unfinished"]) == 0
+    _nonempty(_printed_paths(capsys))
+    text = (out / "nature_dqn" / "Pong.md").read_text()
+    assert text.splitlines()[0].endswith("— in progress")
+    assert "seed(s) 1 had not reached their budget" in text and "seeds: 1 (1)" in text
+    last = RunDir.for_run(root, "nature_dqn", "Pong", 1).eval["mean_score"].iloc[-1]
+    assert f"final evaluation score: {fmt_value(last)} (one seed)" in text  # the latest evaluation stands in
+    write_run(root, "nature_dqn", "Pong", 2, NATURE, 0.5)
+    text = write_game_report("nature_dqn", "Pong", root, REFERENCE_ROOT, out)[0].read_text()
+    assert "in progress" not in text and "seeds: 1 (2)" in text  # by default only finished runs count
+    text = write_game_report("nature_dqn", "Pong", root, REFERENCE_ROOT, out, unfinished=True)[0].read_text()
+    assert "seeds: 2 (1, 2)" in text and "seed(s) 1 had not" in text
 
 
 @pytest.mark.filterwarnings("ignore:skipping run directory")

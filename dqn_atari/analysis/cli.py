@@ -66,10 +66,13 @@ def report_main(argv: Sequence[str] | None = None) -> int:
     p = _parser("python -m dqn_atari report",
                 "Per-game reports (<out>/<variant>/<game>.md and .png); all finished (variant, game) pairs "
                 "unless --variant/--game narrow them.", DEFAULT_REPORTS_DIR)
+    p.add_argument("--unfinished", action="store_true",
+                   help="also report runs still training, each at its latest evaluation (the report says so)")
     a = p.parse_args(argv)
 
     def reports() -> list[Path]:
-        pairs = sorted({(r.variant, r.game) for r in require_runs(a.runs, a.variant, a.game)})
-        return [path for v, g in pairs for path in write_game_report(v, g, a.runs, a.reference, a.out)]
+        pairs = sorted({(r.variant, r.game) for r in require_runs(a.runs, a.variant, a.game, a.unfinished)})
+        return [path for v, g in pairs
+                for path in write_game_report(v, g, a.runs, a.reference, a.out, unfinished=a.unfinished)]
 
     return _run(reports)

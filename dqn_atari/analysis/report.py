@@ -30,22 +30,30 @@ def write_game_report(
     runs_root: str | Path = DEFAULT_RUNS_ROOT,
     reference_root: str | Path = DEFAULT_REFERENCE_ROOT,
     out_dir: str | Path = DEFAULT_REPORTS_DIR,
+    unfinished: bool = False,
 ) -> tuple[Path, Path]:
     """Write ``out_dir/<variant>/<game>.md`` and ``.png``; returns (md_path, png_path).
 
+    ``unfinished``: runs still training are reported too, each at its latest evaluation, and the report says so.
     Raises ValueError when there is no finished run of ``variant`` on ``game`` under ``runs_root``.
     """
     reference = load_reference(reference_root)
-    records = load_runs(runs_root, variants=[variant], games=[game])
+    records = load_runs(runs_root, variants=[variant], games=[game], unfinished=unfinished)
     if not records:
-        raise ValueError(f"no finished run of variant '{variant}' on game '{game}' under {runs_root}; "
-                         f"expected {Path(runs_root) / variant / game}/seed<k>/ with a DONE marker")
+        raise ValueError(f"no {'evaluated' if unfinished else 'finished'} run of variant '{variant}' on game "
+                         f"'{game}' under {runs_root}; expected {Path(runs_root) / variant / game}/seed<k>/ with "
+                         + ("an eval.csv" if unfinished else "a DONE marker (--unfinished reports runs still training)"))
     display = records[0].game
     md_path = Path(out_dir) / variant / f"{display}.md"
     png_path = Path(out_dir) / variant / f"{display}.png"
     runs = run_table(records, reference)
     ref = variant_ref(variant)
-    lines = [f"# {display}: {variant} ({ref.label})", ""]
+    training = sorted(r.seed for r in records if not r.done)
+    lines = [f"# {display}: {variant} ({ref.label})" + (" — in progress" if training else ""), ""]
+    if training:
+        lines += [f"**Not finished:** seed(s) {', '.join(map(str, training))} had not reached their budget when this "
+                  "was written. For them, \"final\" below is their latest periodic evaluation (cut at its step budget), "
+                  "not the end-of-training evaluation of 30 whole episodes.", ""]
 
     lines += ["## Our runs", ""]
     for setting in settings_in(runs):

@@ -1,7 +1,8 @@
 """Per-run scores read from ``results/runs/``: final and best evaluation, raw and human-normalized, and
 their mean / standard deviation / count over seeds per (variant, protocol, frame budget, game).
 
-Final evaluation: the last evaluation of a finished run. Best evaluation: the highest evaluation mean
+Final evaluation: the last evaluation of a finished run (of a run still training, included only on request:
+its latest evaluation). Best evaluation: the highest evaluation mean
 over the run, comparable to the "best agent" figures of the Nature 2015 and Rainbow per-game tables (see
 the protocol column of paper_scores.csv); it is optimistic because the same episodes choose and score the
 snapshot, so tables always name which is which.
@@ -42,7 +43,7 @@ class Setting:
 
 @dataclass
 class RunRecord:
-    """One finished run, read once."""
+    """One run, read once: a finished one unless ``done`` is False (``load_runs(unfinished=True)``)."""
 
     setting: Setting
     game: str  # run-directory spelling, e.g. 'SpaceInvaders'
@@ -50,6 +51,7 @@ class RunRecord:
     path: Path
     curve: pd.DataFrame = field(repr=False)  # eval rows: frames, mean_score
     frames_trained: float
+    done: bool = True
 
     @property
     def variant(self) -> str:
@@ -88,6 +90,7 @@ def record_from_rundir(run: RunDir) -> RunRecord:
         path=run.path,
         curve=ev[["agent_step", "frames", "mean_score"]].sort_values("frames").reset_index(drop=True),
         frames_trained=frames_trained,
+        done=run.is_done,
     )
 
 
@@ -95,12 +98,14 @@ def load_runs(
     runs_root: str | Path = DEFAULT_RUNS_ROOT,
     variants: list[str] | None = None,
     games: list[str] | None = None,
+    unfinished: bool = False,
 ) -> list[RunRecord]:
-    """Finished runs under ``runs_root``; unfinished, empty or corrupt ones are skipped with a warning."""
+    """Finished runs under ``runs_root``; unfinished, empty or corrupt ones are skipped with a warning.
+    ``unfinished``: runs still training (or stopped before their budget) are kept too, if evaluated."""
     wanted_games = None if games is None else {game_key(g) for g in games}
     records = []
     for run in find_runs(runs_root):
-        if not run.is_done:
+        if not run.is_done and not unfinished:
             warnings.warn(f"skipping run directory {run.path}: not finished (no DONE marker; running or partial)",
                           stacklevel=2)
             continue
@@ -121,15 +126,16 @@ def require_runs(
     runs_root: str | Path = DEFAULT_RUNS_ROOT,
     variants: list[str] | None = None,
     games: list[str] | None = None,
+    unfinished: bool = False,
 ) -> list[RunRecord]:
     """``load_runs``, with a ValueError that says what to do when there is no finished run to analyse."""
     if not Path(runs_root).is_dir():
         raise ValueError(f"{runs_root} is not a directory: point --runs at the runs root (default {DEFAULT_RUNS_ROOT}), "
                          f"or train some runs first, e.g. `make reproduce`")
-    records = load_runs(runs_root, variants, games)
+    records = load_runs(runs_root, variants, games, unfinished)
     if not records:
         if variants or games:
-            found = load_runs(runs_root)
+            found = load_runs(runs_root, unfinished=unfinished)
             have = (f"; it has {sorted({r.variant for r in found})} on {sorted({r.game for r in found})}"
                     if found else "")
             raise ValueError(f"no finished runs under {runs_root} for variants={variants}, games={games}{have}")
