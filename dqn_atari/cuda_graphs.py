@@ -15,6 +15,9 @@ How a call runs, per input signature (the shapes, dtypes and devices of the tens
   and replays it;
 - every call from then on copies its inputs into the static ones and replays the graph.
 
+A capture that fails (an operation that cannot be captured, such as one that waits for the host) is reported
+once as a warning, and that signature runs as it is from then on: slower, but the run goes on.
+
 The outputs are cloned, since the next replay overwrites them. Python side effects of the function happen at
 capture only, so it must be a pure function of tensors that it reads or updates in place (module parameters,
 optimizer states, buffers): replacing such a tensor (``load_state_dict`` of an optimizer, re-stacking
@@ -23,6 +26,7 @@ parameters) requires :meth:`Graphed.reset`.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -64,20 +68,29 @@ class Graphed:
         """Forget every graph (after a tensor that ``fn`` uses was replaced): the next calls warm up anew."""
         self.graphs: dict[tuple, tuple[list[torch.Tensor], Callable[[], Any]]] = {}
         self.calls: dict[tuple, int] = {}
+        self.failed: set[tuple] = set()  # signatures whose capture failed: they run as they are
 
     def __call__(self, *inputs: Any) -> Any:
         leaves = tree_flatten(inputs)[0]
-        key = tuple((t.shape, t.dtype, t.device) for t in leaves)
+        # Grad mode changes what fn records, so it is part of the signature.
+        key = (torch.is_grad_enabled(), *((t.shape, t.dtype, t.device) for t in leaves))
         if key in self.graphs:
             static, replay = self.graphs[key]
             for s, t in zip(static, leaves):
                 s.copy_(t, non_blocking=True)
-        elif self.calls.get(key, 0) < WARMUP or len(self.graphs) >= MAX_GRAPHS:
+        elif self.calls.get(key, 0) < WARMUP or len(self.graphs) >= MAX_GRAPHS or key in self.failed:
             self.calls[key] = self.calls.get(key, 0) + 1
             return self._warm(inputs, leaves)
         else:
             static_inputs = _clone(inputs)  # the graph's own input tensors, which this call's values fill
-            replay = self.capture(self.fn, static_inputs)
+            try:
+                replay = self.capture(self.fn, static_inputs)
+            except Exception as err:  # recording runs nothing, so this call's work is still to be done
+                self.failed.add(key)
+                name = getattr(self.fn, "__qualname__", repr(self.fn))
+                warnings.warn(f"CUDA graph capture of {name} failed, so it runs without a graph from now on "
+                              f"(slower, same results): {type(err).__name__}: {err}", RuntimeWarning, stacklevel=2)
+                return self._warm(inputs, leaves)
             self.graphs[key] = (tree_flatten(static_inputs)[0], replay)
         return _clone(replay())
 

@@ -43,6 +43,16 @@ def rerun_capture(fn, inputs):
     return replay
 
 
+def assert_same_greedy(plain: Agent, plain_actions: np.ndarray, graphed_actions: np.ndarray, obs: np.ndarray):
+    """Equal greedy actions wherever the plain network's best action leads the next by more than float noise
+    (the graphed Adam's last bits differ, which may flip a near tie)."""
+    with torch.no_grad():
+        q = plain.online(plain._frames(torch.as_tensor(obs, device=plain.device))).q
+    top = q.topk(2, dim=1).values
+    clear = ((top[:, 0] - top[:, 1]) > 1e-4).cpu().numpy()
+    assert (plain_actions == graphed_actions)[clear].all()
+
+
 def test_graphed_update_makes_the_same_updates_as_the_plain_one():
     cfg = load_config(None, ["torso=mlp", "mlp_hidden=[16]", "hidden=16", "lr=0.01"])
     plain, graphed_agent = [Agent(cfg, (1, 3), num_actions=2) for _ in range(2)]
@@ -80,6 +90,26 @@ def test_graphs_are_kept_per_input_shape_up_to_a_limit():
     assert not graphed.graphs and not graphed.calls
 
 
+def test_a_failed_capture_warns_once_and_the_calls_run_without_a_graph():
+    calls = []
+
+    def fn(x):
+        calls.append(1)
+        return x * 2
+
+    def failing_capture(fn, inputs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphed = Graphed(fn, capture=failing_capture)
+    x = torch.arange(3.0)
+    with pytest.warns(RuntimeWarning, match="capture of .*fn failed.*not permitted") as caught:
+        outputs = [graphed(x + i) for i in range(WARMUP + 3)]
+    assert len(caught) == 1 and not graphed.graphs
+    assert len(calls) == WARMUP + 3  # every call did its work, the failed capture's included
+    for i, out in enumerate(outputs):
+        assert torch.equal(out, (x + i) * 2)
+
+
 @pytest.mark.parametrize("overrides, fragment", [
     (["cuda_graph=true", "compile=true"], "cuda_graph=true and compile=true do not go together"),
     (["cuda_graph=true", "noisy=true"], "does not support noisy nets or IQN"),
@@ -114,7 +144,7 @@ def test_cuda_graph_updates_and_actions_match_plain_ones_on_gpu(overrides):
         torch.testing.assert_close(s2["loss"], s1["loss"], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(p2, p1, rtol=1e-4, atol=1e-5)
         obs = b.obs_t[:1]
-        assert (plain.greedy(obs) == graphed.greedy(obs)).all()
+        assert_same_greedy(plain, plain.greedy(obs), graphed.greedy(obs), obs)
         if i % 2:  # the graphs read the target network's tensors, which a sync overwrites in place
             plain.sync_target()
             graphed.sync_target()
@@ -126,11 +156,14 @@ def test_cuda_graph_updates_and_actions_match_plain_ones_on_gpu(overrides):
 
 
 @needs_cuda
-def test_cuda_graph_batched_update_of_two_runs_matches_plain_one_on_gpu():
+@pytest.mark.parametrize("overrides", [
+    [], ["optimizer=adam", "max_grad_norm=10", "head=c51", "replay.prioritized=true"],
+], ids=["nature", "adam-clip-c51-prioritized"])
+def test_cuda_graph_batched_update_of_two_runs_matches_plain_one_on_gpu(overrides):
     def group(graph: bool) -> AgentGroup:
         torch.manual_seed(0)
-        agents = [Agent(load_config(None, ["device=cuda", f"seed={s}", f"cuda_graph={graph}"]), (4, 84, 84),
-                        num_actions=4, device="cuda") for s in (1, 2)]
+        agents = [Agent(load_config(None, ["device=cuda", f"seed={s}", f"cuda_graph={graph}", *overrides]),
+                        (4, 84, 84), num_actions=4, device="cuda") for s in (1, 2)]
         return AgentGroup(agents)
 
     plain, graphed = group(False), group(True)
@@ -141,8 +174,9 @@ def test_cuda_graph_batched_update_of_two_runs_matches_plain_one_on_gpu():
         for (s1, _), (s2, _) in zip(plain.update(batches), graphed.update(batches)):
             torch.testing.assert_close(s2["loss"], s1["loss"], rtol=1e-4, atol=1e-5)
         obs = [b.obs_t[:1] for b in batches]
-        for a1, a2 in zip(plain.greedy(obs, [True, True]), graphed.greedy(obs, [True, True])):
-            assert (a1 == a2).all()
+        for agent, o, a1, a2 in zip(plain.agents, obs, plain.greedy(obs, [True, True]),
+                                    graphed.greedy(obs, [True, True])):
+            assert_same_greedy(agent, a1, a2, o)
         for a in plain.agents + graphed.agents:
             a.sync_target()
     assert graphed._graphs[0].graphs and graphed._graphs[1].graphs
