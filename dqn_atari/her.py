@@ -186,7 +186,8 @@ def her_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default=str(OUT_DIR), help=f"report directory (default {OUT_DIR})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run, e.g. agent.double=true "
-                                                     "runs_root=results/her/double (a new runs_root keeps runs apart)")
+                                                     "runs_root=results/her/double (a new runs_root keeps runs apart; "
+                                                     "give --out too, or the default report is replaced)")
     args = parser.parse_args(argv)
     from dqn_atari.sweep import parse_seeds
 

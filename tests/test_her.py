@@ -165,7 +165,7 @@ def success_rates(run, n_bits: int) -> list[float]:
     return [float(np.mean(np.asarray(s) > -n_bits)) for s in run.eval["scores"]]  # BitFlip.succeeded
 
 
-LEARN_STEPS = 16_000  # 1,000 episodes of 10 bits, seed 1
+LEARN_STEPS = 16_000  # 1,600 episodes of 10 bits (each lasts 10 steps), seed 1
 
 
 @pytest.mark.parametrize("variant, overrides, solved", [
