@@ -100,7 +100,9 @@ class Graphed:
         main = torch.cuda.current_stream(leaves[0].device)
         side = torch.cuda.Stream(leaves[0].device)
         side.wait_stream(main)
-        with torch.cuda.stream(side):
+        # A capturable optimizer stepped outside a capture (as here, on purpose) would advise capturable=False.
+        with torch.cuda.stream(side), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
             outputs = self.fn(*inputs)
         main.wait_stream(side)
         return outputs
