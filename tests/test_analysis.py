@@ -430,7 +430,7 @@ def test_report_of_runs_still_training(tmp_path, capsys):
     assert text.splitlines()[0].endswith("— in progress")
     assert "seed(s) 1 had not reached their budget" in text and "seeds: 1 (1)" in text
     last = RunDir.for_run(root, "nature_dqn", "Pong", 1).eval["mean_score"].iloc[-1]
-    assert f"final evaluation score: {fmt_value(last)} (one seed)" in text  # the latest evaluation stands in
+    assert f"final evaluation score (latest, for unfinished seeds): {fmt_value(last)} (one seed)" in text
     write_run(root, "nature_dqn", "Pong", 2, NATURE, 0.5)
     text = write_game_report("nature_dqn", "Pong", root, REFERENCE_ROOT, out)[0].read_text()
     assert "in progress" not in text and "seeds: 1 (2)" in text  # by default only finished runs count

@@ -276,9 +276,9 @@ def plot_game_report(records: list[RunRecord], reference: Reference, path: Path)
     (setting, _), color = next(iter(groups.items())), palette(1)[0]
     if not draw_dopamine(ax, reference, setting.variant, records[0].game_key, color, max_frames):
         ax.plot([], [], " ", label="no Dopamine curve for this variant and game")
-    progress = "" if all(r.done for r in records) else f", in progress at {max_frames / 1e6:.1f}M frames"
+    progress = "" if all(r.done for r in records) else f", in progress at {max_frames / 1e6:.1f}M frames\n"
     ax.set(xlabel="frames (millions)", ylabel="evaluation score (episode mean)",
-           title=f"{records[0].game}: {records[0].variant} (thin: seeds; bold: mean{progress})")
+           title=f"{records[0].game}: {records[0].variant}{progress} (thin: seeds; bold: mean)")
     legend_below(fig, ax)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

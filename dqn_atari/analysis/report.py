@@ -65,7 +65,8 @@ def write_game_report(
             f"- seeds: {len(sub)} ({', '.join(str(s) for s in sub['seed'])})",
             f"- frames trained: {fmt_frames(sub['frames_trained'].max())} "
             f"(budget {fmt_frames(setting.frames_budget)})",
-            f"- final evaluation score: {_spread(sub['final_score'].to_numpy())}",
+            f"- final evaluation score{' (latest, for unfinished seeds)' if training else ''}: "
+            f"{_spread(sub['final_score'].to_numpy())}",
             f"- best evaluation score (max over evaluations, optimistic): {_spread(sub['best_score'].to_numpy())}",
         ]
         if reference.has_hns(game):
