@@ -7,7 +7,7 @@ such a graph: the same kernels on the same memory, so the same floats as calling
 cuDNN picks), without the Python. (Adam is built ``capturable`` under ``cuda_graph=true``: it then computes its
 bias corrections on the device in float32, which changes its last bits against the plain Adam.)
 
-How a call runs, per input signature (the shapes, dtypes and devices of the tensors passed in):
+How a call runs, per input signature (the shapes, dtypes and devices of the tensors passed in, and grad mode):
 
 - the first :data:`WARMUP` calls run the function as it is (real calls: an update is a real update), on a
   side stream, as PyTorch asks before a capture (lazy initialisation, workspaces);

@@ -33,7 +33,7 @@ import pandas as pd
 from dqn_atari.config import Config, ConfigError, load_config
 from dqn_atari.envs import env_display_name
 from dqn_atari.rundir import RunDir
-from dqn_atari.sweep import words
+from dqn_atari.sweep import parse_seeds, words
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "control"
 VARIANTS = {"bitflip_dqn": "DQN", "bitflip_her": "DQN+HER"}  # config file -> label in Fig. 1
@@ -189,7 +189,6 @@ def her_main(argv: Sequence[str] | None = None) -> int:
                                                      "runs_root=results/her/double (a new runs_root keeps runs apart; "
                                                      "give --out too, or the default report is replaced)")
     args = parser.parse_args(argv)
-    from dqn_atari.sweep import parse_seeds
 
     started = time.perf_counter()
     try:

@@ -133,13 +133,14 @@ def require_runs(
         raise ValueError(f"{runs_root} is not a directory: point --runs at the runs root (default {DEFAULT_RUNS_ROOT}), "
                          f"or train some runs first, e.g. `make reproduce`")
     records = load_runs(runs_root, variants, games, unfinished)
+    what = "evaluated" if unfinished else "finished"
     if not records:
         if variants or games:
             found = load_runs(runs_root, unfinished=unfinished)
             have = (f"; it has {sorted({r.variant for r in found})} on {sorted({r.game for r in found})}"
                     if found else "")
-            raise ValueError(f"no finished runs under {runs_root} for variants={variants}, games={games}{have}")
-        raise ValueError(f"no finished runs under {runs_root}; train some first, e.g. `make reproduce`")
+            raise ValueError(f"no {what} runs under {runs_root} for variants={variants}, games={games}{have}")
+        raise ValueError(f"no {what} runs under {runs_root}; train some first, e.g. `make reproduce`")
     return records
 
 
