@@ -15,8 +15,8 @@
 #    gives the learning-phase agent steps/s of the whole pipeline and so the wall time of a 10M-frame run; the
 #    run directory comes back as a tarball.
 # Every step has its own time limit, 580 s in all (the device takes 600 s per command), so a step that fails or
-# hangs leaves the others' results. `DEVICE=cpu MODES=eager PONG_ARGS= K=2 STEPS=200 WARM=200 PONG_SECONDS=60` rehearses the whole script
-# on a CPU machine (CUDA graphs need a GPU).
+# hangs leaves the others' results. `DEVICE=cpu MODES=eager PONG_ARGS= K=2 STEPS=200 WARM=200 PONG_SECONDS=60`
+# rehearses the whole script on a CPU machine (CUDA graphs need a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/benchmarks/gpu}
