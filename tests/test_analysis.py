@@ -16,7 +16,7 @@ from dqn_atari.analysis import cli
 from dqn_atari.analysis.protocol import Protocol, parse_paper_protocol, protocol_differences
 from dqn_atari.analysis.reference import Reference, game_key
 from dqn_atari.analysis.report import write_game_report
-from dqn_atari.analysis.scores import load_runs, run_table, summarize
+from dqn_atari.analysis.scores import load_runs, run_table, summarize, training_returns
 from dqn_atari.analysis.stats import Strata, aggregate, bootstrap, performance_profile, t_interval
 from dqn_atari.analysis.tables import aggregates_table, fmt_value, variant_table
 from dqn_atari.analysis.variants import VARIANTS
@@ -270,7 +270,8 @@ def write_run(root, variant, game, seed, protocol, skill, n_evals=5, frames=2_00
     rand, human = (rh.at[key, "random"], rh.at[key, "human"]) if key in rh.index else (0.0, 1000.0)
     run = RunDir.for_run(root, variant, game, seed)
     run.write_config({"variant": variant, "seed": seed, "env": {"game": game, "protocol": protocol["name"]},
-                      "train": {"frames": frames},
+                      "train": {"frames": frames, "epsilon_start": 1.0, "epsilon_end": 0.1,
+                                "epsilon_decay_steps": 1_000_000, "replay_start_steps": 50_000},
                       "eval": {"epsilon": protocol["eval_epsilon"], "episodes": 3,
                                "max_episode_frames": protocol["eval_max_episode_frames"]}})
     run.write_protocol(protocol)
@@ -431,11 +432,28 @@ def test_report_of_runs_still_training(tmp_path, capsys):
     assert "seed(s) 1 had not reached their budget" in text and "seeds: 1 (1)" in text
     last = RunDir.for_run(root, "nature_dqn", "Pong", 1).eval["mean_score"].iloc[-1]
     assert f"final evaluation score (latest, for unfinished seeds): {fmt_value(last)} (one seed)" in text
+    # Dopamine's curve averages training episodes: the report points to ours, averaged the same way, and says
+    # how the two exploration schedules differ (ours from the run's config, in frames).
+    assert ("compare it with our training episodes (dotted, averaged the same way; epsilon 1 to 0.1 over 4M frames "
+            "after 0.2M frames of random play)") in text and "0.01 over 1M frames after 80k frames" in text
+    (record,) = load_runs(root, unfinished=True)
+    assert record.train_curve["frames"].tolist() == [1e6, 2e6] and record.train_curve["episodes"].tolist() == [2, 3]
     write_run(root, "nature_dqn", "Pong", 2, NATURE, 0.5)
     text = write_game_report("nature_dqn", "Pong", root, REFERENCE_ROOT, out)[0].read_text()
     assert "in progress" not in text and "seeds: 1 (2)" in text  # by default only finished runs count
     text = write_game_report("nature_dqn", "Pong", root, REFERENCE_ROOT, out, unfinished=True)[0].read_text()
     assert "seeds: 2 (1, 2)" in text and "seed(s) 1 had not" in text
+
+
+def test_training_returns_average_whole_million_frame_bins():
+    """Like Dopamine's iterations: an episode counts in the 1M-frame bin in which it ended (an end exactly on a
+    bin's edge belongs to that bin), and a bin the run has not finished is left out."""
+    train = pd.DataFrame({"frames": [500_000, 900_000, 1_000_000, 1_500_000, 2_200_000],
+                          "score": [1.0, 3.0, 5.0, 10.0, 20.0]})
+    bins = training_returns(train, frames_trained=2_200_000)
+    assert bins.to_dict("list") == {"frames": [1e6, 2e6], "mean_score": [3.0, 10.0], "episodes": [3, 1]}
+    assert training_returns(train, frames_trained=3_000_000)["frames"].tolist() == [1e6, 2e6, 3e6]
+    assert training_returns(train.iloc[:0], frames_trained=0).empty
 
 
 @pytest.mark.filterwarnings("ignore:skipping run directory")

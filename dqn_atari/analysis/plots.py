@@ -77,12 +77,16 @@ def by_setting(records: list[RunRecord]) -> dict[Setting, list[RunRecord]]:
     return {s: groups[s] for s in sorted(groups, key=Setting.sort_key)}
 
 
-def seed_matrix(records: list[RunRecord]) -> tuple[np.ndarray, np.ndarray]:
-    """(frames grid = union of evaluation frames, (n_seeds, n_frames) scores with NaN where a seed has none)."""
-    grid = np.unique(np.concatenate([r.curve["frames"].to_numpy(dtype=np.float64) for r in records]))
+def seed_matrix(records: list[RunRecord], curve: str = "curve") -> tuple[np.ndarray, np.ndarray]:
+    """(frames grid = union of the seeds' frames, (n_seeds, n_frames) scores with NaN where a seed has none).
+
+    ``curve``: the RunRecord attribute to read, ``curve`` (evaluations) or ``train_curve`` (training episodes).
+    """
+    curves = [getattr(r, curve) for r in records]
+    grid = np.unique(np.concatenate([c["frames"].to_numpy(dtype=np.float64) for c in curves]))
     matrix = np.full((len(records), grid.size), np.nan)
-    for i, r in enumerate(records):
-        matrix[i, np.searchsorted(grid, r.curve["frames"].to_numpy(dtype=np.float64))] = r.curve["mean_score"]
+    for i, c in enumerate(curves):
+        matrix[i, np.searchsorted(grid, c["frames"].to_numpy(dtype=np.float64))] = c["mean_score"]
     return grid, matrix
 
 
@@ -261,7 +265,11 @@ def plot_performance_profiles(records: list[RunRecord], reference: Reference, ou
 
 
 def plot_game_report(records: list[RunRecord], reference: Reference, path: Path) -> Path:
-    """Per-game report figure: each seed thin, the mean bold, Dopamine's curve dashed behind."""
+    """Per-game report figure: each seed thin, the mean bold, Dopamine's curve dashed behind.
+
+    Dopamine's curves average training episodes, so our own training episodes, averaged the same way per 1M
+    frames (mean over seeds), are drawn dotted beside them: the like-for-like comparison.
+    """
     fig, (ax,) = new_figure()
     groups = by_setting(records)
     max_frames = max(r.frames_trained for r in records)
@@ -273,11 +281,15 @@ def plot_game_report(records: list[RunRecord], reference: Reference, path: Path)
         mean = np.nanmean(matrix, axis=0)
         ax.plot(grid / 1e6, mean, color=color, lw=2.5, marker="o" if grid.size < 5 else None,
                 label=f"ours, {setting.protocol.label()}: mean of {len(group)} seed(s)")
+        grid, matrix = seed_matrix(group, "train_curve")
+        if grid.size:
+            ax.plot(grid / 1e6, np.nanmean(matrix, axis=0), color=color, lw=1.5, ls=":", marker=".",
+                    label="ours, training episodes (exploring), mean per 1M frames")
     (setting, _), color = next(iter(groups.items())), palette(1)[0]
     if not draw_dopamine(ax, reference, setting.variant, records[0].game_key, color, max_frames):
         ax.plot([], [], " ", label="no Dopamine curve for this variant and game")
     progress = "" if all(r.done for r in records) else f", in progress at {max_frames / 1e6:.1f}M frames\n"
-    ax.set(xlabel="frames (millions)", ylabel="evaluation score (episode mean)",
+    ax.set(xlabel="frames (millions)", ylabel="score (episode mean)",
            title=f"{records[0].game}: {records[0].variant}{progress} (thin: seeds; bold: mean)")
     legend_below(fig, ax)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from dqn_atari.analysis.reference import DEFAULT_REFERENCE_ROOT, load_reference
 from dqn_atari.analysis.scores import DEFAULT_RUNS_ROOT, load_runs, run_table, settings_in
 from dqn_atari.analysis.tables import fmt_value
 from dqn_atari.analysis.variants import variant_ref
+from dqn_atari.rundir import RunDir
 
 DEFAULT_REPORTS_DIR = Path("results/reports")
 
@@ -22,6 +23,24 @@ def _spread(values: np.ndarray) -> str:
         return f"{fmt_value(values[0])} (one seed)"
     return (f"{fmt_value(values.mean())} +- {fmt_value(values.std(ddof=1))} "
             f"(min {fmt_value(values.min())}, max {fmt_value(values.max())})")
+
+
+# Dopamine's defaults in its agents' gin files (results/reference/SOURCES.md): epsilon_train 0.01,
+# epsilon_decay_period 250k and min_replay_history 20k agent steps; its decay starts after the warm-up, as ours does.
+DOPAMINE_EXPLORATION = "epsilon 1 to 0.01 over 1M frames after 80k frames of random play"
+
+
+def exploration(run_path: Path) -> str:
+    """Our run's exploration schedule, in frames, from its config.yaml and protocol.json."""
+    run = RunDir(run_path)
+    config, frame_skip = run.config, int(run.protocol.get("frame_skip", 4))
+    if (config.get("network") or {}).get("noisy"):
+        return "noisy nets, epsilon 0"
+    t = config.get("train") or {}
+    if not {"epsilon_start", "epsilon_end", "epsilon_decay_steps", "replay_start_steps"} <= t.keys():
+        return "its exploration schedule is not in its config.yaml"
+    return (f"epsilon {t['epsilon_start']:g} to {t['epsilon_end']:g} over {fmt_frames(t['epsilon_decay_steps'] * frame_skip)} "
+            f"frames after {fmt_frames(t['replay_start_steps'] * frame_skip)} frames of random play")
 
 
 def write_game_report(
@@ -92,7 +111,10 @@ def write_game_report(
     if ref.dopamine_agent:
         curve = reference.dopamine_curve(ref.dopamine_agent, game, ref.dopamine_set)
         lines += ["", f"Dopamine {ref.dopamine_agent} ({ref.dopamine_set}) curve: "
-                  + ("drawn in the figure (training returns with sticky actions, not evaluation scores)."
+                  + (f"drawn dashed in the figure. It averages training episodes per 1M frames, with sticky actions "
+                     f"and Dopamine's schedule ({DOPAMINE_EXPLORATION}), so compare it with our training episodes "
+                     f"(dotted, averaged the same way; {exploration(records[0].path)}), not with our evaluations. "
+                     "Where the schedules differ, the curves are expected to differ early in training."
                      if len(curve) else f"none published for {display}.")]
     else:
         lines += ["", f"No Dopamine curve is mapped for variant '{variant}'."]

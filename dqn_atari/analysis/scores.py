@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from dqn_atari.analysis.protocol import Protocol, fmt_frames
-from dqn_atari.analysis.reference import Reference, game_key
+from dqn_atari.analysis.reference import DOPAMINE_FRAMES_PER_ITERATION, Reference, game_key
 from dqn_atari.rundir import RunDir, find_runs
 
 DEFAULT_RUNS_ROOT = Path("results/runs")
@@ -52,6 +52,8 @@ class RunRecord:
     curve: pd.DataFrame = field(repr=False)  # eval rows: frames, mean_score
     frames_trained: float
     done: bool = True
+    # training episodes: frames (end of each whole 1M-frame bin), mean_score, episodes; see training_returns
+    train_curve: pd.DataFrame = field(default_factory=lambda: training_returns(pd.DataFrame(), 0.0), repr=False)
 
     @property
     def variant(self) -> str:
@@ -70,15 +72,33 @@ class RunRecord:
         return float(self.curve["mean_score"].max())
 
 
+def training_returns(train: pd.DataFrame, frames_trained: float,
+                     bin_frames: int = DOPAMINE_FRAMES_PER_ITERATION) -> pd.DataFrame:
+    """Mean score of the training episodes that ended in each whole bin of ``bin_frames`` frames.
+
+    Dopamine's published curves are made this way (an iteration is 1M frames), so this is the like-for-like
+    curve to draw next to them. Each bin is labelled by the frames at its end; a bin the run has not yet
+    finished is left out.
+    """
+    columns = ["frames", "mean_score", "episodes"]
+    if train.empty:
+        return pd.DataFrame(columns=columns)
+    end = np.ceil(train["frames"].to_numpy(dtype=np.float64) / bin_frames) * bin_frames
+    bins = train.groupby(end)["score"].agg(["mean", "size"])
+    bins = bins[bins.index <= frames_trained]
+    return pd.DataFrame({"frames": bins.index.to_numpy(), "mean_score": bins["mean"].to_numpy(),
+                         "episodes": bins["size"].to_numpy()}, columns=columns)
+
+
 def record_from_rundir(run: RunDir) -> RunRecord:
     """A RunRecord from a run directory (config values win over path components)."""
-    config, protocol, ev = run.config, run.protocol, run.eval
+    config, protocol, ev, train = run.config, run.protocol, run.eval, run.train
     ev = ev[np.isfinite(ev["mean_score"])]  # evaluations in which no episode finished say nothing
     if ev.empty:
         raise ValueError("eval.csv has no evaluation with a finished episode")
     env = config.get("env") or {}
     budget = (config.get("train") or {}).get("frames")
-    frames_trained = max(float(ev["frames"].max()), float(run.train["frames"].max() if len(run.train) else 0.0))
+    frames_trained = max(float(ev["frames"].max()), float(train["frames"].max() if len(train) else 0.0))
     return RunRecord(
         setting=Setting(
             variant=str(config.get("variant") or run.path.parent.parent.name),
@@ -91,6 +111,7 @@ def record_from_rundir(run: RunDir) -> RunRecord:
         curve=ev[["agent_step", "frames", "mean_score"]].sort_values("frames").reset_index(drop=True),
         frames_trained=frames_trained,
         done=run.is_done,
+        train_curve=training_returns(train, frames_trained),
     )
 
 
