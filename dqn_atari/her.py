@@ -32,6 +32,7 @@ import pandas as pd
 
 from dqn_atari.config import Config, ConfigError, load_config
 from dqn_atari.envs import env_display_name
+from dqn_atari.progress import progress_bar
 from dqn_atari.rundir import RunDir
 from dqn_atari.sweep import parse_seeds, words
 
@@ -78,11 +79,9 @@ def _steps_done(cfg: Config) -> int:
 def train_all(configs: list[Config], workers: int, progress: bool = True) -> bool:
     """Train every run, ``workers`` at a time in their own processes, longest first. A tqdm bar counts the agent
     steps of all runs (read from their train.csv) with an ETA. Returns False when a run stopped early (a signal)."""
-    from tqdm.auto import tqdm
-
     todo = sorted((c for c in configs if not _run_dir(c).is_done), key=lambda c: -c.train.frames)
     total = sum(c.train.frames for c in configs)
-    bar = tqdm(total=total, unit="step", unit_scale=True, dynamic_ncols=True, smoothing=0.0, disable=not progress,
+    bar = progress_bar(total=total, unit="step", unit_scale=True, smoothing=0.0, disable=not progress,
                desc=f"make her: {len(configs)} runs", initial=total - sum(c.train.frames for c in todo))
     finished = True
     # spawn: a fresh interpreter per worker, so no torch state is inherited; one torch thread each (the configs'

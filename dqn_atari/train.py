@@ -32,6 +32,7 @@ from dqn_atari.agent import Agent, resolve_device
 from dqn_atari.agent_group import AgentGroup
 from dqn_atari.config import Config, ConfigError, flatten_keys, frames_to_steps, recorded_identity
 from dqn_atari.envs import env_display_name, is_control_task, make_env
+from dqn_atari.progress import progress_bar
 from dqn_atari.replay import HindsightReplayBuffer, PrioritizedReplayBuffer, ReplayBuffer
 from dqn_atari.rundir import RunDir
 
@@ -146,10 +147,8 @@ def evaluate(agent: Agent, cfg: Config, eval_index: int, episodes: int | None = 
     started = int(counted.sum())
     obs, _ = env.reset()
     steps = 0
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=episodes, unit="episode", desc=f"evaluation {eval_index}", leave=False, dynamic_ncols=True,
-               disable=not progress)
+    bar = progress_bar(total=episodes, unit="episode", desc=f"evaluation {eval_index}", leave=False,
+                       disable=not progress)
     # Noisy nets are evaluated with their mean weights (noise off), as Dopamine and the common Rainbow
     # implementations do; the training noise is restored afterwards.
     noise_was_on = agent.online.noise_enabled
@@ -569,7 +568,7 @@ class _Lockstep:
     def run(self, interrupt_at_step: int | None) -> bool:
         """Train to the budget and finish the runs (final evaluation, weights, DONE): True. Stopped by a signal or
         at ``interrupt_at_step`` (checkpointed): False. Then raise TrainingDiverged if a run diverged."""
-        bar = _progress_bar(self.runs)
+        bar = _training_bar(self.runs)
         try:
             finished = self.steps(bar, interrupt_at_step)
         finally:
@@ -678,18 +677,16 @@ def _check_together(trainers: list[Trainer]) -> None:
                           f"18-action set), or train them separately.")
 
 
-def _progress_bar(runs: list[Trainer]):
+def _training_bar(runs: list[Trainer]):
     first = runs[0]
     if not first.progress:
         return None
-    from tqdm.auto import tqdm
-
     total = first.total_steps * first.frame_skip
     done = first.counters.agent_step * first.frame_skip
     names = sorted({f"{t.game}" for t in runs})
     seeds = ",".join(str(t.cfg.seed) for t in runs)
-    return tqdm(total=total, initial=done, unit="frame", unit_scale=True, dynamic_ncols=True,
-                desc=f"{first.cfg.variant} {'+'.join(names)} seed{'s' if len(runs) > 1 else ''}{seeds}", smoothing=0.05)
+    desc = f"{first.cfg.variant} {'+'.join(names)} seed{'s' if len(runs) > 1 else ''}{seeds}"
+    return progress_bar(total=total, initial=done, unit="frame", unit_scale=True, desc=desc, smoothing=0.05)
 
 
 def _torch_rng_state(device: torch.device) -> dict[str, torch.Tensor]:

@@ -152,3 +152,22 @@ def test_a_warm_up_longer_than_the_budget_is_a_warning(tmp_path, capsys):
     assert "train.replay_start_steps (500) is not below the budget of 500 agent steps" in capsys.readouterr().err
     Trainer(cartpole_config(tmp_path, "train.frames=500", "replay_start_steps=499"), progress=False).close()
     assert "warning" not in capsys.readouterr().err
+
+
+def test_progress_bars_redraw_once_a_minute_into_a_log_file(monkeypatch):
+    """A bar on a terminal redraws as tqdm likes; written to a file (nohup, a batch job's log) once a minute."""
+    import io
+
+    from dqn_atari.progress import LOG_INTERVAL_S, progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, interval in ((io.StringIO(), LOG_INTERVAL_S), (Terminal(), 0.1)):
+        monkeypatch.setattr("sys.stderr", stream)
+        bar = progress_bar(total=10)
+        assert bar.mininterval == interval
+        bar.update(10)
+        bar.close()
+        assert "10/10" in stream.getvalue()
