@@ -178,8 +178,9 @@ class ReplayConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    frames: int = 50_000_000
-    """Training budget in emulator frames (Nature: 50M). Converted to agent steps by frames_to_steps."""
+    frames: int = 200_000_000
+    """Training budget in emulator frames (Nature: 200M = the paper's "50 million frames", which count agent steps).
+    Converted to agent steps by frames_to_steps."""
     batch_size: int = 32
     """Minibatch size (Nature: 32)."""
     update_period_steps: int = 4

@@ -101,7 +101,7 @@ PUBLISHED_CASES = [
 @pytest.mark.parametrize("algorithm,word,table,agg_algorithm,agg_protocol,check_mean,tol", PUBLISHED_CASES)
 def test_paper_medians_from_per_game_scores(ref, algorithm, word, table, agg_algorithm, agg_protocol, check_mean, tol):
     hns = _paper_hns(ref, algorithm, word, table)
-    published = _published(ref, agg_algorithm, agg_protocol, frames=None)  # one row each; Nature's is 50M frames
+    published = _published(ref, agg_algorithm, agg_protocol, frames=None)  # one row each
     assert len(hns) == published["n_games"]
     est = aggregate([np.array([h]) for h in hns], metrics=("median", "mean"), reps=10)
     assert 100 * est["median"].point == pytest.approx(published["median_hns_pct"], abs=tol)
@@ -231,15 +231,15 @@ def test_t_interval():
 
 def test_paper_protocol_parsing_and_differences():
     nature = parse_paper_protocol("noop-starts(<=30); eval eps=0.05; 30 eps x <=5min; best agent; "
-                                  "50M frames (12.5M agent steps)")
+                                  "200M frames (50M steps)")
     assert (nature.start_type, nature.eval_epsilon, nature.frames, nature.reporting, nature.max_episode_frames) == (
-        "noop", 0.05, 50e6, "best snapshot", 18_000)
+        "noop", 0.05, 200e6, "best snapshot", 18_000)
     dopamine = parse_paper_protocol("sticky actions p=0.25; TRAINING-episode return averaged over iteration 199 "
                                     "(~200M frames); mean of 5 seeds; train eps=0.01")
     assert (dopamine.start_type, dopamine.eval_epsilon, dopamine.reporting) == ("sticky", None, "training returns")
     ours = Protocol("nature2015", start="noop", noop_max=30, sticky_p=0.0, eval_epsilon=0.05, max_episode_frames=18_000)
-    assert protocol_differences(ours, 50e6, nature) == []
-    assert any("200M" in d for d in protocol_differences(ours, 200e6, nature))
+    assert protocol_differences(ours, 200e6, nature) == []
+    assert any("ours 50M frames, paper 200M" in d for d in protocol_differences(ours, 50e6, nature))
     diffs = protocol_differences(ours, 1e7, dopamine)
     assert any("sticky actions" in d for d in diffs) and any("10M" in d for d in diffs)
     assert any("training episodes" in d for d in diffs)
@@ -503,5 +503,5 @@ def test_per_game_table_notes_say_how_each_paper_protocol_differs(tree, ref):
     summary = summarize(run_table(_quiet(load_runs, root)[0], ref))
     _, notes = variant_table(summary, "nature_dqn", ref)
     nature = next(n for n in notes if n.startswith("DQN (Mnih 2015, Nature)"))
-    assert "differs from ours (nature2015): training length: ours 2M frames, paper 50M" in nature
+    assert "differs from ours (nature2015): training length: ours 2M frames, paper 200M" in nature
     assert "differs from ours (machado2018): start: ours sticky actions, paper no-op starts" in nature

@@ -19,7 +19,7 @@ def test_nature_config_holds_the_paper_numbers():
     assert cfg.train.replay_start_steps == 50_000 and cfg.train.epsilon_decay_steps == 1_000_000
     assert (cfg.train.epsilon_start, cfg.train.epsilon_end) == (1.0, 0.1)
     assert cfg.eval.epsilon == 0.05 and cfg.eval.max_episode_frames == 18_000
-    assert frames_to_steps(cfg.train.frames) == 12_500_000
+    assert frames_to_steps(cfg.train.frames) == 50_000_000  # the paper's "50 million frames" count agent steps
 
 
 def test_overrides_dotted_and_bare_keys_with_type_conversion():

@@ -45,8 +45,8 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         *args: Any,
         alpha: float = 0.5,
         beta0: float = 0.4,
-        # Anneal over the whole run: 50M frames = 12.5M agent steps at action repeat 4 (Mnih et al. 2015).
-        beta_steps: int = 12_500_000,
+        # Anneal over the whole run: 200M frames = 50M agent steps at action repeat 4 (the Nature budget).
+        beta_steps: int = 50_000_000,
         eps: float = 1e-6,
         **kwargs: Any,
     ) -> None:
