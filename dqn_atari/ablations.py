@@ -72,12 +72,19 @@ def run_ablations(game: str, seeds: Sequence[int], frames: int | None = None, sm
 
 
 def _records(game: str, runs_root: Path, seeds: Sequence[int] | None) -> dict[str, list[RunRecord]]:
-    """Finished runs per variant (Rainbow, the ablations, then Nature DQN if present), in Fig. 3's order."""
+    """Finished runs per variant (Rainbow, the ablations, then Nature DQN if present), in Fig. 3's order.
+
+    Raises ValueError when one variant's runs differ in protocol or frame budget: their mean would mix them."""
     records = load_runs(runs_root, variants=[*VARIANTS, ABLATION_BASELINE], games=[game])
     groups: dict[str, list[RunRecord]] = {}
     for variant in (*VARIANTS, ABLATION_BASELINE):
         group = [r for r in records if r.variant == variant and (seeds is None or variant == ABLATION_BASELINE
                                                                or r.seed in seeds)]
+        if len({r.setting for r in group}) > 1:
+            runs = "; ".join(f"seed {r.seed}: {r.setting.label()}" for r in sorted(group, key=lambda r: r.seed))
+            raise ValueError(f"the {variant} runs of {game} under {runs_root} differ in protocol or frame budget "
+                             f"({runs}), so they cannot be averaged into one line; keep one setting's runs there "
+                             f"(move the others to another runs root)")
         if group:
             groups[variant] = sorted(group, key=lambda r: r.seed)
     return groups

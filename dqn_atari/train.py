@@ -347,15 +347,15 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------------------
     def setup(self) -> bool:
-        """Create or resume the run directory. Returns False when the run is already DONE."""
+        """Create or resume the run directory. Returns False when the run is already DONE (with this config)."""
         run = self.run
-        if run.is_done:
-            print(f"{run.path} is DONE; nothing to do (delete its DONE file to train again).")
-            return False
         if run.exists and (run.path / "config.yaml").exists():
             recorded, ours = recorded_identity(run.config), self.cfg.run_identity()
             if recorded != ours and not self.cfg.force:
-                raise ConfigError(_config_mismatch(recorded, ours, run.path / "config.yaml"))
+                raise ConfigError(_config_mismatch(recorded, ours, run.path / "config.yaml", run.is_done))
+        if run.is_done:
+            print(f"{run.path} is DONE; nothing to do (delete its DONE file to train again).")
+            return False
         gen = self.last_checkpoint = ckpt.load_checkpoint(self.ckpt_root, self._restore)
         if gen is None:
             self.obs, _ = self.env.reset(seed=self.cfg.seed)
@@ -702,10 +702,14 @@ def _set_torch_rng_state(state: dict[str, torch.Tensor], device: torch.device) -
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _config_mismatch(recorded: dict, ours: dict, where: Path) -> str:
+def _config_mismatch(recorded: dict, ours: dict, where: Path, done: bool = False) -> str:
     a, b = flatten_keys(recorded), flatten_keys(ours)
     diffs = [f"{k}: recorded {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b))
              if _norm(a.get(k)) != _norm(b.get(k))]
+    if done:  # reusing it would report another config's results under this one's name
+        return (f"This run directory holds a finished run of a different config ({where}): {'; '.join(diffs[:8])}. "
+                f"Use the original settings to reuse it, or another runs_root or seed to train this config "
+                f"(or move the finished run away).")
     return (f"This run directory was started with a different config ({where}): {'; '.join(diffs[:8])}. "
             f"Resuming would silently change the run. Use the original settings, choose another variant name "
             f"or seed, or pass force=true to resume anyway.")

@@ -498,6 +498,24 @@ def test_one_run_per_game_shows_no_bootstrap_interval(tmp_path, ref):
     assert (ours["Median HNS %"].str.endswith("(no CI)")).all() and not ours["IQM HNS %"].str.contains(r"\[").any()
 
 
+def test_settings_that_share_a_protocol_name_keep_their_own_columns_and_lines(tmp_path, ref):
+    """Seeds 1-2 ran the Nature protocol, 21-22 the same preset with an override: each setting keeps its own
+    'within Dopamine' verdict column, and the ablation report refuses to average one variant's mixed runs."""
+    from dqn_atari.ablations import write_ablation_report
+
+    root = tmp_path / "runs"
+    for seed, protocol, skill in ((1, NATURE, 0.8), (2, NATURE, 0.8), (21, OVERRIDDEN, 0.1), (22, OVERRIDDEN, 0.1)):
+        write_run(root, "nature_dqn", "Breakout", seed, protocol, skill)
+    table, _ = variant_table(summarize(run_table(load_runs(root), ref)), "nature_dqn", ref)
+    within = [c for c in table.columns if "within Dopamine" in c]
+    assert len(within) == 2 and within[0] + "'" == within[1]
+    assert len([c for c in table.columns if c.startswith("Dopamine DQN")]) == 1  # one budget: one Dopamine column
+    write_run(root, "rainbow", "Breakout", 1, RAINBOW, 2.0)
+    write_run(root, "rainbow", "Breakout", 2, MACHADO, 0.2)
+    with pytest.raises(ValueError, match=r"rainbow runs of Breakout .* differ in protocol.*seed 1: .*seed 2: rainbow \[machado"):
+        write_ablation_report("Breakout", root, seeds=[1, 2], out_dir=tmp_path / "out", reference_root=REFERENCE_ROOT)
+
+
 def test_per_game_table_notes_say_how_each_paper_protocol_differs(tree, ref):
     root, _ = tree
     summary = summarize(run_table(_quiet(load_runs, root)[0], ref))

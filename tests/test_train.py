@@ -79,6 +79,11 @@ def test_resuming_with_a_different_config_is_refused(tmp_path):
         Trainer(changed, progress=False).train()
     forced = cartpole_config(tmp_path, "train.frames=1500", "agent.lr=0.01", "force=true")
     assert Trainer(forced, progress=False).train().is_done
+    # A finished run is not passed off as another config's (e.g. a longer budget): a clear error, not "DONE".
+    longer = cartpole_config(tmp_path, "train.frames=3000", "agent.lr=0.01")
+    with pytest.raises(ConfigError, match="finished run of a different config.*train.frames: recorded 1500, now 3000"):
+        Trainer(longer, progress=False).train()
+    assert Trainer(cartpole_config(tmp_path, "train.frames=1500", "agent.lr=0.01"), progress=False).train().is_done
 
 
 @pytest.mark.slow

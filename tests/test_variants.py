@@ -289,6 +289,9 @@ def test_ablations_driver_trains_every_ablation_then_draws_the_figure_and_table(
     capsys.readouterr()
     assert ablations_main(argv) == 0
     assert capsys.readouterr().out.count("is DONE; nothing to do") == len(VARIANTS)
+    # Another budget does not pass the finished runs off as its own (they would be drawn as 800-frame runs).
+    assert ablations_main([*argv, "--frames", "800"]) == 2
+    assert "finished run of a different config" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, fragment", [

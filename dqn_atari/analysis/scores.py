@@ -37,8 +37,9 @@ class Setting:
         return f"{self.variant} [{self.protocol.label()}; {fmt_frames(self.frames_budget)} frames]"
 
     def sort_key(self) -> tuple:
-        """Variant name, then protocol label, then frame budget: the order of table columns and legends."""
-        return self.variant, self.protocol.label(), self.frames_budget or 0
+        """Variant name, then protocol label, then frame budget: the order of table columns and legends (then the
+        protocol's recorded details, so that settings alike in all three keep one order from run to run)."""
+        return self.variant, self.protocol.label(), self.frames_budget or 0, self.protocol.details
 
 
 @dataclass

@@ -140,6 +140,14 @@ def game_rows(summary: pd.DataFrame) -> tuple[list[str], list[str]]:
     return keys, [names[k] for k in keys]
 
 
+def _new_column(table: pd.DataFrame, header: str) -> str:
+    """``header``, primed until no column of ``table`` has it: two settings or paper protocols that differ only
+    in what their labels leave out must not overwrite each other's column."""
+    while header in table.columns:
+        header += "'"
+    return header
+
+
 def per_game_table(summary: pd.DataFrame, settings: list[Setting], unit: str = "score") -> pd.DataFrame:
     """Games x (setting, final/best) cells of mean +- s.d. (n); ``unit`` 'score' (raw) or 'hns' (percent)."""
     scale = 100.0 if unit == "hns" else 1.0
@@ -150,10 +158,7 @@ def per_game_table(summary: pd.DataFrame, settings: list[Setting], unit: str = "
         frames = float(sub["frames_trained"].max())
         for kind in SCORE_KINDS:
             col = f"{kind}_{unit}"
-            header = setting_header(setting, kind, frames)
-            while header in table.columns:  # protocols that differ only in fields the label leaves out
-                header += "'"
-            table[header] = [
+            table[_new_column(table, setting_header(setting, kind, frames))] = [
                 fmt_mean_sd(sub.at[k, f"{col}_mean"], sub.at[k, f"{col}_std"], int(sub.at[k, "n_seeds"]), scale)
                 if k in sub.index else "" for k in keys
             ]
@@ -185,9 +190,12 @@ def variant_table(
         at = next((p["frames"] for p in points if p is not None), None)
         head = (f"Dopamine {ref.dopamine_agent} ({ref.dopamine_set}) @ {fmt_frames(at)} frames\n"
                 "sticky p=0.25, training returns\nmean +- s.d. over seeds")
-        table[head] = ["-" if p is None else f"{fmt_value(p['mean_return'])} +- {fmt_value(p['std_return'])}"
-                       for p in points]
-        table[f"{setting.variant} final eval\nwithin Dopamine +-1 s.d.?\n({setting.protocol.name})"] = [
+        values = ["-" if p is None else f"{fmt_value(p['mean_return'])} +- {fmt_value(p['std_return'])}" for p in points]
+        if head not in table.columns or table[head].tolist() != values:  # settings of one budget share this column
+            table[_new_column(table, head)] = values
+        within = (f"{setting.variant} final eval\nwithin Dopamine +-1 s.d.?\n"
+                  f"({setting.protocol.name}, {fmt_frames(setting.frames_budget)} frames)")
+        table[_new_column(table, within)] = [
             "n/a" if p is None or k not in ours.index
             else "yes" if abs(ours[k] - p["mean_return"]) <= p["std_return"] else "no"
             for k, p in zip(keys, points)
@@ -199,10 +207,7 @@ def variant_table(
     paper = paper[paper["game_key"].isin(keys)]
     for (algorithm, protocol), rows in paper.groupby(["algorithm", "protocol"], sort=False):
         scores = rows.set_index("game_key")["score"]
-        header = f"{algorithm}\n{parse_paper_protocol(protocol).label()}"
-        while header in table.columns:  # protocols that differ only in what the label leaves out (e.g. seeds)
-            header += "'"
-        table[header] = [fmt_value(scores[k]) if k in scores.index else "-" for k in keys]
+        table[_new_column(table, f"{algorithm}\n{parse_paper_protocol(protocol).label()}")] = [fmt_value(scores[k]) if k in scores.index else "-" for k in keys]
         verdicts = [comparison_verdict(setting.protocol, sub.loc[sub["setting"] == setting, "frames_trained"].max(),
                                        parse_paper_protocol(protocol)) for setting in settings]
         notes.append(f"{algorithm}: protocol '{protocol}'; {'; '.join(verdicts)}; source: {rows['source'].iloc[0]}")
