@@ -194,14 +194,14 @@ def ablations_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every run, e.g. device=cuda")
     args = parser.parse_args(argv)
-    from dqn_atari.train import TrainingDiverged
+    from dqn_atari.train import RunBusy, TrainingDiverged
 
     try:
         out = run_ablations(args.game, _parse_seeds(args.seeds), frames=parse_frames(args.frames), smoke=args.smoke,
                             overrides=args.overrides, progress=not args.no_progress)
-    except (ConfigError, CheckpointError, TrainingDiverged, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, CheckpointError, TrainingDiverged, RunBusy, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1 if isinstance(exc, (CheckpointError, TrainingDiverged)) else 2
+        return 1 if isinstance(exc, (CheckpointError, TrainingDiverged, RunBusy)) else 2
     if out is None:  # stopped cleanly by a signal, like `train`: status 0, the message says to re-run
         return 0
     md, png = out

@@ -53,6 +53,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as serialize_safetensors
 
 from dqn_atari.config import ConfigError
+from dqn_atari.rundir import fsync_dir
 
 FORMAT_VERSION = 1
 TENSORS = "tensors.safetensors"
@@ -83,14 +84,6 @@ def _write_bytes(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -105,7 +98,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     _write_bytes(tmp, text.encode())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _link_tree(src: Path, dst: Path) -> None:
@@ -203,11 +196,11 @@ def save_checkpoint(
             files[name] = hashlib.sha256(data).hexdigest()
         manifest = {"format_version": FORMAT_VERSION, "step": int(step), "files": files}
         _write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # same step written before: a generation that failed to load, being replaced
             _discard(final)
         os.replace(tmp, final)
-        _fsync_dir(ckpt_root)
+        fsync_dir(ckpt_root)
         atomic_write_text(ckpt_root / "LATEST", final.name + "\n")
     except OSError as exc:
         # NumPy reports a short write as a plain OSError without errno: look at the disk before freeing it.

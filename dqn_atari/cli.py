@@ -180,7 +180,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from dqn_atari.checkpoint import CheckpointError
-    from dqn_atari.train import TrainingDiverged
+    from dqn_atari.train import RunBusy, TrainingDiverged
 
     argv = sys.argv[1:] if argv is None else list(argv)
     _plain_checkpoint_warnings()
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         if extra:
             args.overrides = list(args.overrides) + extra
         return args.func(args)
-    except (ConfigError, CheckpointError, TrainingDiverged, MemoryError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, CheckpointError, TrainingDiverged, RunBusy, MemoryError, ValueError, FileNotFoundError) as exc:
         # Exit 2: the input is wrong (fix it and re-run). Exit 1: the run failed (memory, disk, divergence,
         # damaged checkpoint); everything already written is kept.
         print(f"error: {_with_hint(exc)}", file=sys.stderr)

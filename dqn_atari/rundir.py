@@ -260,8 +260,21 @@ def _plain(value: Any, where: str) -> Any:
     raise ValueError(f"{where} = {value!r} ({type(value).__name__}) cannot be written; use builtins, lists, dicts")
 
 
+def fsync_dir(directory: Path) -> None:
+    """fsync a directory, so that a rename or a new file in it survives a power loss (a no-op where
+    directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file next to ``path``, fsync, then rename over ``path``."""
+    """Write ``text`` to a temp file next to ``path``, fsync, rename over ``path``, fsync the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -270,6 +283,7 @@ def _atomic_write(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()

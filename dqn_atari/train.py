@@ -14,6 +14,7 @@ checkpoint. Schedules count agent steps; the budget comes in frames and is conve
 from __future__ import annotations
 
 import math
+import os
 import random
 import signal
 import sys
@@ -22,7 +23,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -39,6 +40,17 @@ from dqn_atari.rundir import RunDir
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept (and other runs of the process go on)."""
+
+
+class EvaluationStopped(Exception):
+    """A stop signal cut an evaluation short; nothing of it was written, and it is played again on resume."""
+
+
+class RunBusy(RuntimeError):
+    """Another process is training this run directory (it holds the run's lock); nothing was touched."""
+
+
+TRAIN_LOCK = ".train.lock"
 
 
 @dataclass
@@ -119,7 +131,8 @@ NO_STEP_BUDGET = math.inf
 
 
 def evaluate(agent: Agent, cfg: Config, eval_index: int, episodes: int | None = None,
-             max_steps: float | None = None, progress: bool = False) -> list[float]:
+             max_steps: float | None = None, progress: bool = False,
+             stopped: Callable[[], bool] | None = None) -> list[float]:
     """Raw game scores of whole evaluation episodes, under the run's protocol with eval.epsilon.
 
     The ``episodes`` counted are the first ones to *start*, whatever their length: each env's first episode,
@@ -133,9 +146,10 @@ def evaluate(agent: Agent, cfg: Config, eval_index: int, episodes: int | None = 
 
     A pure function of the weights and ``eval_index`` (and the config): its own environments, NumPy RNG and
     torch RNG (IQN draws quantile fractions when acting) are seeded from the index, and training's random
-    streams are untouched. So an evaluation cut short by a kill is simply repeated, with the same scores,
-    after the resume; and a SIGINT/SIGTERM arriving during an evaluation is honoured once it completes
-    (the trainer checks its stop flag after the evaluation, then checkpoints).
+    streams are untouched. So an evaluation cut short is simply repeated, with the same scores, after the
+    resume: ``stopped`` (the trainer's stop flag) is checked at every step, and when it is set the evaluation
+    raises EvaluationStopped, so that a stop signal is honoured within a step, not after minutes of evaluation
+    (a Slurm job gets 90 s before its time limit).
     """
     episodes = episodes or cfg.eval.episodes
     max_steps = max_steps or cfg.eval.max_steps
@@ -160,6 +174,8 @@ def evaluate(agent: Agent, cfg: Config, eval_index: int, episodes: int | None = 
         with torch.random.fork_rng(devices=[agent.device] if agent.device.type == "cuda" else []):
             torch.manual_seed(torch_seed)
             while len(scores) < episodes and steps < max_steps:
+                if stopped is not None and stopped():
+                    raise EvaluationStopped
                 actions = agent.act(obs, epsilon, rng=rng)
                 obs, _r, _te, _tr, info = env.step(actions)
                 steps += int(counted.sum())
@@ -177,8 +193,8 @@ def evaluate(agent: Agent, cfg: Config, eval_index: int, episodes: int | None = 
 
 
 class _StopFlag:
-    """First SIGINT/SIGTERM: finish the current agent step (and the evaluation, if one is running: it is
-    never cut short), checkpoint, exit with status 0 so that a scheduler or sweep sees a clean stop. Second:
+    """First SIGINT/SIGTERM: finish the current agent step (an evaluation running then stops at once and is
+    played again on resume), checkpoint, exit with status 0 so that a scheduler or sweep sees a clean stop. Second:
     exit at once with 128 + the signal number, even in the middle of a checkpoint write; that is safe
     because a generation only becomes visible once complete (see dqn_atari.checkpoint), so the previous
     one stays the one a resume uses, and CSV rows past it are dropped on resume."""
@@ -276,6 +292,7 @@ class Trainer:
         self.recent: deque = deque(maxlen=20)
         self.diverged = False  # set by the loop when this run's loss became NaN (it then leaves the others)
         self.writer = None
+        self.lock_fd = -1
 
     @contextmanager
     def torch_random(self):
@@ -338,7 +355,8 @@ class Trainer:
         a.reset_graphs()  # the optimizer's state tensors were replaced
         a.updates = state["agent_updates"]
         a.rng.bit_generator.state = state["rng_agent"]
-        self.torch_rng = {k: tensors[f"rng.{k}"] for k in self.torch_rng}
+        # A stream the checkpoint lacks (a run saved on CPU, resumed on CUDA: README, device) keeps its fresh state.
+        self.torch_rng = {k: tensors.get(f"rng.{k}", v) for k, v in self.torch_rng.items()}
         random.setstate(_to_tuple(state["rng_python"]))
         self.replay.load(gen / "replay")
         self.env.load_state_dict(_from_jsonable(state["env"]))
@@ -349,6 +367,7 @@ class Trainer:
     def setup(self) -> bool:
         """Create or resume the run directory. Returns False when the run is already DONE (with this config)."""
         run = self.run
+        self.lock()
         if run.exists and (run.path / "config.yaml").exists():
             recorded, ours = recorded_identity(run.config), self.cfg.run_identity()
             if recorded != ours and not self.cfg.force:
@@ -455,10 +474,30 @@ class Trainer:
         self.save()
         return True
 
+    def lock(self) -> None:
+        """One process per run directory: an exclusive ``flock`` on <run>/.train.lock until close(). Two trainers
+        on one run (a second `make reproduce` while the first still runs) would interleave its CSVs and delete
+        each other's checkpoint writes."""
+        import fcntl
+
+        self.run.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.run.path / TRAIN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunBusy(f"{self.run.path} is being trained by another process right now (it holds {TRAIN_LOCK}). "
+                          f"Let it finish, or stop it (Ctrl-C, or SIGTERM to its Python process: it checkpoints) and "
+                          f"re-run this command to resume.") from None
+        self.lock_fd = fd
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
         self.env.close()
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)  # releases the flock
+            self.lock_fd = -1
 
     def check_finite(self) -> None:
         if bool(self.nonfinite):
@@ -472,13 +511,14 @@ class Trainer:
                 f"from that checkpoint, or delete {self.run.path} to start over."
             )
 
-    def run_evaluation(self, final: bool = False) -> list[float]:
+    def run_evaluation(self, final: bool = False, stopped: Callable[[], bool] | None = None) -> list[float]:
         """One evaluation, appended to eval.csv. The ``final`` one, at the end of training, plays all of
         eval.episodes to their end, with no step budget: the score Nature's tables report (Methods: "each game
-        30 times for up to 5 min each"); the periodic ones stop at eval.max_steps, as DeepMind's code did."""
+        30 times for up to 5 min each"); the periodic ones stop at eval.max_steps, as DeepMind's code did.
+        ``stopped``: see evaluate (EvaluationStopped, and nothing changed)."""
         c = self.counters
         scores = evaluate(self.agent, self.cfg, c.evaluations, max_steps=NO_STEP_BUDGET if final else None,
-                          progress=self.progress)
+                          progress=self.progress, stopped=stopped)
         c.evaluations += 1
         arr = np.asarray(scores, dtype=np.float64)
         row = {"agent_step": c.agent_step, "frames": c.agent_step * self.frame_skip,
@@ -532,22 +572,31 @@ def train_together(trainers: list[Trainer], interrupt_at_step: int | None = None
     until a signal / ``interrupt_at_step``). Each run writes its own run directory exactly as alone.
 
     Resuming K runs whose checkpoints are at different steps (a kill between their saves): the ones behind
-    first train alone up to the others, then all go on together.
+    first train alone up to the others, then all go on together. One that diverges on the way is left out, as
+    in the group, and its error raised when the others stop.
     """
     with _StopFlag() as stop:
         try:
             _check_together(trainers)
             runs = [t for t in trainers if t.setup()]
             lead = max((t.counters.agent_step for t in runs), default=0)
+            diverged: list[TrainingDiverged] = []
             for t in runs:
                 if t.counters.agent_step < lead:
                     print(f"{t.run.path} resumed at agent step {t.counters.agent_step:,}, behind the other runs "
                           f"({lead:,}): training it alone up to there first.")
-                    _Lockstep([t], stop).run(lead)
+                    try:
+                        _Lockstep([t], stop).run(lead)
+                    except TrainingDiverged as exc:
+                        diverged.append(exc)
                     if stop.requested:
-                        return [t.run for t in trainers]
-            if runs:
-                _Lockstep(runs, stop).run(interrupt_at_step)
+                        break
+            runs = [t for t in runs if not t.diverged]
+            if runs and not stop.requested:
+                group = _Lockstep(runs, stop)
+                group.diverged = diverged
+                group.run(interrupt_at_step)
+            raise_diverged(diverged, runs)
         finally:
             for t in trainers:
                 t.close()
@@ -580,8 +629,30 @@ class _Lockstep:
         self.raise_diverged()
         return finished
 
+    def evaluate_due(self, t: Trainer, bar) -> None:
+        """Run ``t``'s evaluation if one is due at its current step. A stop signal cuts it short: the schedule
+        is set back, so the checkpoint that follows is as if it had not started, and the resume plays it first."""
+        c = t.counters
+        if c.agent_step < c.next_eval_step:
+            return
+        c.next_eval_step += t.cfg.eval.period_steps
+        try:
+            scores = t.run_evaluation(final=c.agent_step >= t.total_steps, stopped=lambda: self.stop.requested)
+        except EvaluationStopped:
+            c.next_eval_step -= t.cfg.eval.period_steps
+            return
+        if bar is not None:
+            bar.write(f"eval seed{t.cfg.seed} {t.game} @ {c.agent_step * t.frame_skip:,} frames: mean "
+                      f"{np.mean(scores) if scores else float('nan'):.1f} over {len(scores)} episodes")
+
     def steps(self, bar, interrupt_at_step: int | None) -> bool:
         started = time.perf_counter() - self.runs[0].counters.wall_time
+        for t in self.runs:  # one that a stop signal cut short before this resume
+            if t.counters.agent_step > 0:
+                self.evaluate_due(t, bar)
+        if self.stop.requested:  # ... and cut short again: each run's newest checkpoint is of this step
+            print(f"Stopped at agent step {self.runs[0].counters.agent_step:,}; re-run the same command to resume.")
+            return False
         while self.runs and self.runs[0].counters.agent_step < self.runs[0].total_steps:
             epsilons = [epsilon_at(t.counters.agent_step, t.cfg) for t in self.runs]
             actions = self.group.act([t.obs for t in self.runs], epsilons)
@@ -602,13 +673,7 @@ class _Lockstep:
                 bar.set_postfix(score=f"{np.mean([s for t in self.runs for s in t.recent] or [np.nan]):.1f}",
                                 eps=f"{epsilons[0]:.3f}", refresh=False)
             for t in self.runs:
-                c = t.counters
-                if c.agent_step >= c.next_eval_step:
-                    c.next_eval_step += t.cfg.eval.period_steps
-                    scores = t.run_evaluation(final=c.agent_step >= t.total_steps)
-                    if bar is not None:
-                        bar.write(f"eval seed{t.cfg.seed} {t.game} @ {c.agent_step * t.frame_skip:,} frames: mean "
-                                  f"{np.mean(scores) if scores else float('nan'):.1f} over {len(scores)} episodes")
+                self.evaluate_due(t, bar)
             interrupted = self.stop.requested or (interrupt_at_step is not None and step >= interrupt_at_step)
             saved = [self.guard(t, t.checkpoint, interrupted) for t in self.runs]
             self.leave_diverged()
@@ -647,12 +712,17 @@ class _Lockstep:
                 self.group = AgentGroup([t.agent for t in self.runs], [t.torch_random for t in self.runs])
 
     def raise_diverged(self) -> None:
-        if len(self.diverged) == 1 and not self.runs:
-            raise self.diverged[0]
-        if self.diverged:
-            others = ", ".join(str(t.run.path) for t in self.runs)
-            raise TrainingDiverged(f"{len(self.diverged)} of the runs trained together diverged; the others ({others}) "
-                                   f"went on until they stopped. " + " ".join(str(e) for e in self.diverged))
+        raise_diverged(self.diverged, self.runs)
+
+
+def raise_diverged(diverged: list[TrainingDiverged], others: list[Trainer]) -> None:
+    """Raise the divergence of runs trained together, if any, naming the ``others`` that went on."""
+    if len(diverged) == 1 and not others:
+        raise diverged[0]
+    if diverged:
+        names = ", ".join(str(t.run.path) for t in others)
+        raise TrainingDiverged(f"{len(diverged)} of the runs trained together diverged; the others ({names}) "
+                               f"went on until they stopped. " + " ".join(str(e) for e in diverged))
 
 
 def _check_together(trainers: list[Trainer]) -> None:

@@ -631,8 +631,7 @@ def test_a_signal_checkpoints_and_exits(tmp_path, sig):
     try:
         assert trainer.setup() and trainer.counters.agent_step == stopped
     finally:
-        trainer.writer.close()
-        trainer.env.close()
+        trainer.close()
 
 
 def test_a_second_signal_exits_at_once_without_corrupting_anything(tmp_path):
@@ -663,8 +662,7 @@ def test_a_second_signal_exits_at_once_without_corrupting_anything(tmp_path):
     try:
         assert trainer.setup() and trainer.counters.agent_step == ckpt.step_of(ckpt.generations(ckpt_root)[0])
     finally:
-        trainer.writer.close()
-        trainer.env.close()
+        trainer.close()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -147,6 +147,33 @@ def test_a_diverging_run_stops_alone_with_a_clear_error(tmp_path, monkeypatch, c
         assert_same_run(run_dir(alone, seed), run_dir(root, seed), tolerance=TOLERANCE)
 
 
+def test_a_run_that_diverges_while_catching_up_does_not_hold_back_the_others(tmp_path, monkeypatch):
+    """Seed 2 resumes behind seed 1 and diverges while it trains alone up to it: seed 1 still trains to the end
+    (re-running the command is the whole recovery, so one bad seed must not block the rest), then the error
+    names seed 2, whose last good checkpoint is kept."""
+    from dqn_atari.train import TrainingDiverged
+
+    parts = [cartpole(tmp_path, seed) for seed in (1, 2)]
+    train_runs(parts, progress=False, interrupt_at_step=660)
+    shutil.rmtree(ckpt.generations(run_dir(tmp_path, 2) / "checkpoints")[0])  # seed 2 now resumes at 600
+    real_update, poisoned = AgentGroup.update, []
+
+    def update(self, batches):
+        out = real_update(self, batches)
+        if len(self.agents) == 1 and not poisoned:  # the first lone update is seed 2's catch-up
+            poisoned.append(self.agents[0])
+            with torch.no_grad():
+                for p in self.agents[0].online.parameters():
+                    p.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(AgentGroup, "update", update)
+    with pytest.raises(TrainingDiverged, match=r"1 of the runs trained together diverged.*seed2: The loss became NaN"):
+        train_runs(parts, progress=False)
+    assert (run_dir(tmp_path, 1) / "DONE").exists() and not (run_dir(tmp_path, 2) / "DONE").exists()
+    assert [ckpt.step_of(g) for g in ckpt.generations(run_dir(tmp_path, 2) / "checkpoints")] == [600]
+
+
 def test_runs_that_cannot_share_a_process_are_refused(tmp_path):
     with pytest.raises(ValueError, match="share every setting but seed and env.game.*agent.lr"):
         train_runs([cartpole(tmp_path, 1), cartpole(tmp_path, 2, "agent.lr=0.005")], progress=False)

@@ -71,6 +71,73 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, kind):
     assert_same_run(Trainer(whole, progress=False).run.path, run.path)
 
 
+def test_a_run_saved_on_cpu_resumes_where_torch_has_another_rng_stream(tmp_path, monkeypatch):
+    """On CUDA the trainer keeps a second torch RNG stream that a checkpoint written on CPU lacks: the resume
+    goes on (that stream starts fresh), rather than taking the checkpoint for a damaged one."""
+    import torch
+
+    from dqn_atari import train as train_module
+
+    cfg = cartpole_config(tmp_path, "train.frames=1500")
+    Trainer(cfg, progress=False).train(interrupt_at_step=300)
+    cpu_state = train_module._torch_rng_state
+    monkeypatch.setattr(train_module, "_torch_rng_state", lambda device: {**cpu_state(device), "cuda": torch.zeros(8)})
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.setup() and trainer.counters.agent_step == 300
+    assert torch.equal(trainer.torch_rng["cuda"], torch.zeros(8))
+    trainer.close()
+
+
+def test_one_process_at_a_time_trains_a_run(tmp_path, capsys):
+    """A second trainer of a run that is being trained (e.g. the same `make reproduce` started twice) stops with
+    a clear error before touching anything; once the first is done with it, the run is free again."""
+    from dqn_atari.train import RunBusy
+
+    cfg = cartpole_config(tmp_path, "train.frames=1500")
+    first = Trainer(cfg, progress=False)
+    assert first.setup()
+    with pytest.raises(RunBusy, match="being trained by another process"):
+        Trainer(cfg, progress=False).train()
+    assert main(["train", str(CARTPOLE), f"runs_root={tmp_path}", "device=cpu", "train.frames=1500",
+                 "--no-progress"]) == 1
+    assert "being trained by another process" in capsys.readouterr().err
+    first.close()
+    assert Trainer(cfg, progress=False).train().is_done
+
+
+def test_a_stop_signal_cuts_an_evaluation_short_and_the_resume_plays_it_again(tmp_path, monkeypatch):
+    """A real SIGTERM as the second periodic evaluation starts, and again as the resume replays it: each time the
+    run stops within a step instead of finishing the evaluation (checkpointed at that evaluation's step, nothing
+    of it written), and the run finally equals one never stopped."""
+    import os
+    import signal
+
+    from dqn_atari import checkpoint as ckpt
+    from dqn_atari import train as train_module
+
+    extra = ("train.frames=3000", "checkpoint_period_steps=700", "eval.period_steps=1000")
+    whole = cartpole_config(tmp_path / "whole", *extra)
+    train(whole, progress=False)
+    parts = cartpole_config(tmp_path / "parts", *extra)
+    real, stops = train_module.make_eval_env, {1: 2}  # evaluation index -> signals still to send at its start
+
+    def make_eval_env(cfg, index):
+        if stops.get(index):
+            stops[index] -= 1
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(cfg, index)
+
+    monkeypatch.setattr(train_module, "make_eval_env", make_eval_env)
+    for _ in range(2):
+        run = train(parts, progress=False)
+        assert not run.is_done and run.eval["agent_step"].tolist() == [1000]
+        assert ckpt.step_of(ckpt.generations(run.path / "checkpoints")[0]) == 2000
+    assert stops[1] == 0
+    run = train(parts, progress=False)
+    assert run.is_done
+    assert_same_run(Trainer(whole, progress=False).run.path, run.path)
+
+
 def test_resuming_with_a_different_config_is_refused(tmp_path):
     cfg = cartpole_config(tmp_path, "train.frames=1500")
     Trainer(cfg, progress=False).train(interrupt_at_step=300)

@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dqn_atari.rundir import fsync_dir
+
 __all__ = ["FORMAT_VERSION", "MANIFEST", "ArraySpec", "ReplayCorruptError"]
 __all__ += ["load_arrays", "read_manifest", "save_arrays"]
 
@@ -67,17 +69,6 @@ def _to_numpy(array: Any, start: int, stop: int) -> np.ndarray:
     if isinstance(array, np.ndarray):
         return np.ascontiguousarray(array[start:stop])
     return array[start:stop].detach().cpu().contiguous().numpy()
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. platforms that cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_chunk(path: Path, data: np.ndarray) -> None:
@@ -174,7 +165,7 @@ def save_arrays(
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, directory / MANIFEST)
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
     # Only now that the new manifest is durable may files it does not reference go.
     referenced = {c["file"] for a in arrays.values() for c in a["chunks"] if c["file"] is not None}
