@@ -239,6 +239,9 @@ def test_paper_protocol_parsing_and_differences():
     assert (dopamine.start_type, dopamine.eval_epsilon, dopamine.reporting) == ("sticky", None, "training returns")
     ours = Protocol("nature2015", start="noop", noop_max=30, sticky_p=0.0, eval_epsilon=0.05, max_episode_frames=18_000)
     assert protocol_differences(ours, 200e6, nature) == []
+    tuned = parse_paper_protocol("human-starts; 30-min episodes; eval eps 0.001; 200M frames")  # no '='
+    assert (tuned.eval_epsilon, tuned.max_episode_frames) == (0.001, 108_000)
+    assert parse_paper_protocol("NoFrameskip-v4 AtariWrapper; 10M steps; 1 run").frames == 40e6  # 4 frames a step
     assert any("ours 50M frames, paper 200M" in d for d in protocol_differences(ours, 50e6, nature))
     diffs = protocol_differences(ours, 1e7, dopamine)
     assert any("sticky actions" in d for d in diffs) and any("10M" in d for d in diffs)

@@ -14,6 +14,7 @@ pyplot's global backend: it works headless and does not disturb a notebook that 
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import seaborn as sns
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
+from dqn_atari.analysis.protocol import fmt_frames
 from dqn_atari.analysis.reference import DEFAULT_REFERENCE_ROOT, Reference, load_reference, warn_missing_hns
 from dqn_atari.analysis.scores import (
     DEFAULT_RUNS_ROOT,
@@ -204,12 +206,22 @@ def _rainbow_line(ax, x: np.ndarray, y: np.ndarray, label: str) -> None:
 
 
 def plot_rainbow_ablations(records: list[RunRecord], reference: Reference, out_dir: Path) -> list[Path]:
-    """Hessel et al. 2018, Fig. 3 layout; [] when there are no Rainbow or ablation runs."""
+    """Hessel et al. 2018, Fig. 3 layout; [] when there are no Rainbow or ablation runs.
+
+    Every line is a median over the same games: those that every Rainbow and ablation setting has runs on (a
+    median over other games would not be comparable). DQN settings are drawn when they cover all of them."""
     wanted = {ABLATION_BASE, ABLATION_BASELINE} | {v for v, ref in VARIANTS.items() if ref.ablation}
     groups = {s: g for s, g in by_setting(records).items() if s.variant in wanted}
     if not any(s.variant == ABLATION_BASE or variant_ref(s.variant).ablation for s in groups):
         return []
-    protocols = {s.protocol for s in groups}
+    games = {s: {r.game_key for r in g if reference.has_hns(r.game_key)} for s, g in groups.items()}
+    common = set.intersection(*(k for s, k in games.items() if s.variant != ABLATION_BASELINE))
+    if not common:
+        warnings.warn("rainbow_ablations: no game with a human-normalized score has runs of every Rainbow and "
+                      "ablation setting found, so their medians cannot be compared; figure skipped", stacklevel=2)
+        return []
+    groups = {s: [r for r in g if r.game_key in common] for s, g in groups.items() if common <= games[s]}
+    protocols, budgets = {s.protocol for s in groups}, {s.frames_budget for s in groups}
     fig, (ax,) = new_figure(size=(7.0, 4.5))
     ablation_colors = iter(palette(10))
     baseline_styles = iter(["-", ":", "-.", (0, (1, 3))] * 4)
@@ -223,6 +235,8 @@ def plot_rainbow_ablations(records: list[RunRecord], reference: Reference, out_d
                  else ref.ablation or setting.variant)
         if len(protocols) > 1:
             label += f" ({setting.protocol.name})"
+        if len(budgets) > 1:
+            label += f" [{fmt_frames(setting.frames_budget)} frames]"
         x = grid / 1e6
         if setting.variant == ABLATION_BASE:
             _rainbow_line(ax, x, median, label)
@@ -232,7 +246,7 @@ def plot_rainbow_ablations(records: list[RunRecord], reference: Reference, out_d
             ax.plot(x, median, ls="--", lw=1.6, color=next(ablation_colors), label=label)
     ax.axhline(100, color="0.5", lw=0.8, ls=":")
     ax.set(xlabel="frames (millions)", ylabel="median human-normalized score (%)",
-           title="Rainbow ablations: median HNS over games (Hessel et al. 2018, Fig. 3 layout)")
+           title=f"Rainbow ablations: median HNS over {len(common)} game(s) (Hessel et al. 2018, Fig. 3 layout)")
     ax.legend(fontsize="small", loc="upper left")
     return save(fig, out_dir, "rainbow_ablations")
 

@@ -130,16 +130,18 @@ class PaperProtocol:
 def parse_paper_protocol(text: str) -> PaperProtocol:
     """Read start type, eval epsilon, frames, episode cap and reporting out of a free-text protocol."""
     low = str(text).lower()
-    eps_match = re.search(r"eval eps\s*=\s*([0-9.]+)", low)
+    eps_match = re.search(r"eval eps\s*=?\s*([0-9.]+)", low)  # "eval eps=0.05" and "eval eps 0.001"
     eps = float(eps_match.group(1)) if eps_match else 0.0 if "greedy eval" in low else None
     frames_match = re.search(r"(\d+(?:\.\d+)?)m frames", low)
+    steps_match = re.search(r"(\d+(?:\.\d+)?)m (?:agent )?steps", low)  # agent steps of 4 frames (e.g. SB3's)
     cap = 18_000 if re.search(r"\b5[- ]?min", low) else 108_000 if re.search(r"\b30[- ]?min", low) else None
     reporting = "best snapshot" if "best" in low else "training returns" if "training" in low else None
     return PaperProtocol(
         text=str(text),
         start_type=start_kind(low),
         eval_epsilon=eps,
-        frames=float(frames_match.group(1)) * 1e6 if frames_match else None,
+        frames=(float(frames_match.group(1)) * 1e6 if frames_match
+                else float(steps_match.group(1)) * 4e6 if steps_match else None),
         reporting=reporting,
         max_episode_frames=cap,
     )
