@@ -236,8 +236,8 @@ def test_fault_injection_script_runs_clean():
 def test_everything_on_resume_is_bit_identical_including_a_signal_during_evaluation(tmp_path, monkeypatch, head):
     """Double + dueling + C51/IQN + noisy + n-step 3 + prioritized + 3 envs, stopped three times at steps
     that are not checkpoint or evaluation boundaries, once of them by a SIGTERM that arrives in the middle
-    of an evaluation (honoured after it, as train.evaluate's docstring says), ends bit-identical to the run
-    that was never stopped."""
+    of an evaluation (which stops it at once, as train.evaluate's docstring says, to be played again on
+    resume), ends bit-identical to the run that was never stopped."""
     extra = [*EVERYTHING, f"network.head={head}", "train.frames=1500", "train.checkpoint_period_steps=250",
              "eval.period_steps=500", "eval.num_envs=3", "eval.episodes=3"]
     whole = Trainer(cartpole_cfg(tmp_path / "whole", *extra), progress=False).train()
@@ -261,7 +261,7 @@ def test_everything_on_resume_is_bit_identical_including_a_signal_during_evaluat
         assert not run.is_done
     run = Trainer(parts_cfg, progress=False).train()  # SIGTERM during the evaluation at step 1002
     assert signalled and not run.is_done
-    assert run.eval["agent_step"].tolist()[-1] == 1002, "the evaluation finished before the stop"
+    assert run.eval["agent_step"].tolist()[-1] < 1002, "the evaluation went on after the stop"
     assert ckpt.generations(run.path / "checkpoints")[0].name == "step_000000001002"
     run = Trainer(parts_cfg, progress=False).train()
     assert run.is_done
