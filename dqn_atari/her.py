@@ -82,7 +82,7 @@ def train_all(configs: list[Config], workers: int, progress: bool = True) -> boo
     todo = sorted((c for c in configs if not _run_dir(c).is_done), key=lambda c: -c.train.frames)
     total = sum(c.train.frames for c in configs)
     bar = progress_bar(total=total, unit="step", unit_scale=True, smoothing=0.0, disable=not progress,
-               desc=f"make her: {len(configs)} runs", initial=total - sum(c.train.frames for c in todo))
+                       desc=f"make her: {len(configs)} runs", initial=total - sum(c.train.frames for c in todo))
     finished = True
     # spawn: a fresh interpreter per worker, so no torch state is inherited; one torch thread each (the configs'
     # torch_threads: 1), so `workers` runs use `workers` cores.

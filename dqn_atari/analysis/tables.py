@@ -207,7 +207,8 @@ def variant_table(
     paper = paper[paper["game_key"].isin(keys)]
     for (algorithm, protocol), rows in paper.groupby(["algorithm", "protocol"], sort=False):
         scores = rows.set_index("game_key")["score"]
-        table[_new_column(table, f"{algorithm}\n{parse_paper_protocol(protocol).label()}")] = [fmt_value(scores[k]) if k in scores.index else "-" for k in keys]
+        header = _new_column(table, f"{algorithm}\n{parse_paper_protocol(protocol).label()}")
+        table[header] = [fmt_value(scores[k]) if k in scores.index else "-" for k in keys]
         verdicts = [comparison_verdict(setting.protocol, sub.loc[sub["setting"] == setting, "frames_trained"].max(),
                                        parse_paper_protocol(protocol)) for setting in settings]
         notes.append(f"{algorithm}: protocol '{protocol}'; {'; '.join(verdicts)}; source: {rows['source'].iloc[0]}")
