@@ -74,7 +74,8 @@ def run_ablations(game: str, seeds: Sequence[int], frames: int | None = None, sm
 def _records(game: str, runs_root: Path, seeds: Sequence[int] | None) -> dict[str, list[RunRecord]]:
     """Finished runs per variant (Rainbow, the ablations, then Nature DQN if present), in Fig. 3's order.
 
-    Raises ValueError when one variant's runs differ in protocol or frame budget: their mean would mix them."""
+    Raises ValueError when one variant's runs differ in protocol, frame budget or hyperparameters: their mean
+    would mix them."""
     records = load_runs(runs_root, variants=[*VARIANTS, ABLATION_BASELINE], games=[game])
     groups: dict[str, list[RunRecord]] = {}
     for variant in (*VARIANTS, ABLATION_BASELINE):
@@ -82,8 +83,8 @@ def _records(game: str, runs_root: Path, seeds: Sequence[int] | None) -> dict[st
                                                                or r.seed in seeds)]
         if len({r.setting for r in group}) > 1:
             runs = "; ".join(f"seed {r.seed}: {r.setting.label()}" for r in sorted(group, key=lambda r: r.seed))
-            raise ValueError(f"the {variant} runs of {game} under {runs_root} differ in protocol or frame budget "
-                             f"({runs}), so they cannot be averaged into one line; keep one setting's runs there "
+            raise ValueError(f"the {variant} runs of {game} under {runs_root} differ in protocol, frame budget or "
+                             f"hyperparameters ({runs}), so they cannot be averaged into one line; keep one setting's runs there "
                              f"(move the others to another runs root)")
         if group:
             groups[variant] = sorted(group, key=lambda r: r.seed)

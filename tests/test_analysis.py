@@ -431,7 +431,7 @@ def test_report_of_runs_still_training(tmp_path, capsys):
                             "--unfinished"]) == 0
     _nonempty(_printed_paths(capsys))
     text = (out / "nature_dqn" / "Pong.md").read_text()
-    assert text.splitlines()[0].endswith("— in progress")
+    assert text.splitlines()[0].endswith("— unfinished")
     assert "seed(s) 1 had not reached their budget" in text and "seeds: 1 (1)" in text
     last = RunDir.for_run(root, "nature_dqn", "Pong", 1).eval["mean_score"].iloc[-1]
     assert f"final evaluation score (latest, for unfinished seeds): {fmt_value(last)} (one seed)" in text
@@ -443,7 +443,7 @@ def test_report_of_runs_still_training(tmp_path, capsys):
     assert record.train_curve["frames"].tolist() == [1e6, 2e6] and record.train_curve["episodes"].tolist() == [2, 3]
     write_run(root, "nature_dqn", "Pong", 2, NATURE, 0.5)
     text = write_game_report("nature_dqn", "Pong", root, REFERENCE_ROOT, out)[0].read_text()
-    assert "in progress" not in text and "seeds: 1 (2)" in text  # by default only finished runs count
+    assert "unfinished" not in text and "seeds: 1 (2)" in text  # by default only finished runs count
     text = write_game_report("nature_dqn", "Pong", root, REFERENCE_ROOT, out, unfinished=True)[0].read_text()
     assert "seeds: 2 (1, 2)" in text and "seed(s) 1 had not" in text
 
@@ -517,6 +517,27 @@ def test_settings_that_share_a_protocol_name_keep_their_own_columns_and_lines(tm
     write_run(root, "rainbow", "Breakout", 2, MACHADO, 0.2)
     with pytest.raises(ValueError, match=r"rainbow runs of Breakout .* differ in protocol.*seed 1: .*seed 2: rainbow \[machado"):
         write_ablation_report("Breakout", root, seeds=[1, 2], out_dir=tmp_path / "out", reference_root=REFERENCE_ROOT)
+
+
+def test_runs_that_differ_in_a_hyperparameter_or_an_unlabelled_protocol_field_are_kept_apart(tmp_path, ref):
+    """Seeds 1-2 as configured, seed 3 with ARGS="agent.lr=0.0001", seed 4 with 5 evaluation episodes recorded in
+    protocol.json only: three settings, each labelled by what sets it apart; a checkpoint period is no setting."""
+    root = tmp_path / "runs"
+    runs = {seed: write_run(root, "nature_dqn", "Pong", seed, NATURE, 0.5) for seed in (1, 2, 3)}
+    runs[4] = write_run(root, "nature_dqn", "Pong", 4, {**NATURE, "eval_episodes": 5}, 0.5)
+    for seed, key, value in ((3, "agent", {"lr": 0.0001}), (2, "train", {"checkpoint_period_steps": 10})):
+        config = runs[seed].config
+        config[key] = {**config.get(key, {}), **value}
+        runs[seed].write_config(config)
+    records = load_runs(root)
+    settings = {r.seed: r.setting for r in records}
+    assert settings[1] == settings[2] and len(set(settings.values())) == 3
+    assert settings[3].distinction.startswith("agent.lr=0.0001") and "agent.lr=0.00025" in settings[1].distinction
+    assert "protocol.eval_episodes=5" in settings[4].distinction and "protocol.eval_episodes=3" in settings[1].label()
+    summary = summarize(run_table(records, ref))
+    assert sorted(summary["n_seeds"]) == [1, 1, 2]
+    table, _ = variant_table(summary, "nature_dqn", ref)
+    assert any(c.startswith("nature_dqn (agent.lr=0.0001") for c in table.columns)
 
 
 def test_per_game_table_notes_say_how_each_paper_protocol_differs(tree, ref):

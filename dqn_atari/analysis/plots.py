@@ -124,7 +124,7 @@ def plot_learning_curves(records: list[RunRecord], reference: Reference, out_dir
             grid, matrix = seed_matrix(group)
             mean, low, high = t_interval(matrix, axis=0)
             ax.plot(grid / 1e6, mean, color=color, lw=2, marker="o" if grid.size < 5 else None,
-                    label=f"{setting.variant} ({setting.protocol.label()}; n={len(group)})")
+                    label=f"{setting.name} ({setting.protocol.label()}; n={len(group)})")
             ax.fill_between(grid / 1e6, low, high, color=color, alpha=0.2, lw=0)
             if setting.variant not in overlaid:
                 overlaid.add(setting.variant)
@@ -183,7 +183,7 @@ def plot_aggregate_hns(records: list[RunRecord], reference: Reference, out_dir: 
         for ax, metric in zip(axes, ("median", "iqm")):
             point, low, high = aggregate_over_frames(grid, per_game, metric, reps)
             ax.plot(grid / 1e6, 100 * point, color=color, lw=2, marker="o" if grid.size < 5 else None,
-                    label=f"{setting.variant} ({setting.protocol.label()}; {len(keys)} games)")
+                    label=f"{setting.name} ({setting.protocol.label()}; {len(keys)} games)")
             ax.fill_between(grid / 1e6, 100 * low, 100 * high, color=color, alpha=0.2, lw=0)
     for ax, metric in zip(axes, ("median", "IQM")):
         ax.set(xlabel="frames (millions)", ylabel=f"{metric} human-normalized score (%)",
@@ -268,7 +268,7 @@ def plot_performance_profiles(records: list[RunRecord], reference: Reference, ou
                 continue
             profile, low, high = performance_profile(per_game, taus, reps=reps)
             ax.plot(taus, profile, color=color, lw=2,
-                    label=f"{setting.variant} ({setting.protocol.label()}; {len(keys)} games)")
+                    label=f"{setting.name} ({setting.protocol.label()}; {len(keys)} games)")
             ax.fill_between(taus, low, high, color=color, alpha=0.2, lw=0, step=None)
     for ax, kind in zip(axes, SCORE_KINDS):
         ax.axvline(1.0, color="0.5", lw=0.8, ls=":")
@@ -294,7 +294,8 @@ def plot_game_report(records: list[RunRecord], reference: Reference, path: Path)
                     marker="." if len(r.curve) < 5 else None)
         mean = np.nanmean(matrix, axis=0)
         ax.plot(grid / 1e6, mean, color=color, lw=2.5, marker="o" if grid.size < 5 else None,
-                label=f"ours, {setting.protocol.label()}: mean of {len(group)} seed(s)")
+                label=f"ours{f' ({setting.distinction})' if setting.distinction else ''}, {setting.protocol.label()}: "
+                      f"mean of {len(group)} seed(s)")
         grid, matrix = seed_matrix(group, "train_curve")
         if grid.size:
             ax.plot(grid / 1e6, np.nanmean(matrix, axis=0), color=color, lw=1.5, ls=":", marker=".",
@@ -302,7 +303,7 @@ def plot_game_report(records: list[RunRecord], reference: Reference, path: Path)
     (setting, _), color = next(iter(groups.items())), palette(1)[0]
     if not draw_dopamine(ax, reference, setting.variant, records[0].game_key, color, max_frames):
         ax.plot([], [], " ", label="no Dopamine curve for this variant and game")
-    progress = "" if all(r.done for r in records) else f", in progress at {max_frames / 1e6:.1f}M frames\n"
+    progress = "" if all(r.done for r in records) else f", unfinished: {max_frames / 1e6:.2f}M frames\n"
     ax.set(xlabel="frames (millions)", ylabel="score (episode mean)",
            title=f"{records[0].game}: {records[0].variant}{progress} (thin: seeds; bold: mean)")
     legend_below(fig, ax)

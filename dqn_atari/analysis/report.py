@@ -68,7 +68,7 @@ def write_game_report(
     runs = run_table(records, reference)
     ref = variant_ref(variant)
     training = sorted(r.seed for r in records if not r.done)
-    lines = [f"# {display}: {variant} ({ref.label})" + (" — in progress" if training else ""), ""]
+    lines = [f"# {display}: {variant} ({ref.label})" + (" — unfinished" if training else ""), ""]
     if training:
         lines += [f"**Not finished:** seed(s) {', '.join(map(str, training))} had not reached their budget when this "
                   "was written. For them, \"final\" below is their latest periodic evaluation (cut at its step budget), "
@@ -78,7 +78,7 @@ def write_game_report(
     for setting in settings_in(runs):
         sub = runs[runs["setting"] == setting].sort_values("seed")
         lines += [
-            f"### Protocol `{setting.protocol.name}`",
+            f"### Protocol `{setting.protocol.name}`" + (f" ({setting.distinction})" if setting.distinction else ""),
             "",
             f"- protocol: {setting.protocol.label()}",
             f"- seeds: {len(sub)} ({', '.join(str(s) for s in sub['seed'])})",

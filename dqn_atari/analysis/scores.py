@@ -10,8 +10,10 @@ snapshot, so tables always name which is which.
 
 from __future__ import annotations
 
+import json
 import warnings
-from dataclasses import dataclass, field
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,27 +21,74 @@ import pandas as pd
 
 from dqn_atari.analysis.protocol import Protocol, fmt_frames
 from dqn_atari.analysis.reference import DOPAMINE_FRAMES_PER_ITERATION, Reference, game_key
+from dqn_atari.config import flatten_keys, recorded_identity
 from dqn_atari.rundir import RunDir, find_runs
 
 DEFAULT_RUNS_ROOT = Path("results/runs")
 SCORE_KINDS = {"final": "final eval", "best": "best eval (max over evals)"}
 
 
+# Config keys that differ between the runs of one setting (seed, game), are the budget (a Setting field of its own)
+# or only say how often a run writes checkpoints and logs. Every other key of the run's identity
+# (config.run_identity) is a hyperparameter: runs that differ in one are never averaged together.
+NOT_HYPERPARAMETERS = ("variant", "seed", "env.game", "train.frames", "train.checkpoint_period_steps",
+                       "train.log_period_steps")
+
+
 @dataclass(frozen=True)
 class Setting:
-    """What must match for runs to be averaged together: variant, evaluation protocol, frame budget."""
+    """What must match for runs to be averaged together: variant, evaluation protocol, frame budget, and every
+    hyperparameter of the recorded config (``ARGS="agent.lr=1e-4"`` makes another setting)."""
 
     variant: str
     protocol: Protocol
     frames_budget: int | None
+    hyperparameters: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # (dotted key, JSON value)
+    # What tells it apart from settings that share its variant, protocol label and budget ('agent.lr=0.0001');
+    # set by distinguish(), empty when nothing else reads alike.
+    distinction: str = field(default="", compare=False)
+
+    @property
+    def name(self) -> str:
+        """The variant, and what sets it apart when another setting reads alike: 'nature_dqn (agent.lr=0.0001)'."""
+        return f"{self.variant} ({self.distinction})" if self.distinction else self.variant
 
     def label(self) -> str:
-        return f"{self.variant} [{self.protocol.label()}; {fmt_frames(self.frames_budget)} frames]"
+        return f"{self.name} [{self.protocol.label()}; {fmt_frames(self.frames_budget)} frames]"
 
     def sort_key(self) -> tuple:
-        """Variant name, then protocol label, then frame budget: the order of table columns and legends (then the
-        protocol's recorded details, so that settings alike in all three keep one order from run to run)."""
-        return self.variant, self.protocol.label(), self.frames_budget or 0, self.protocol.details
+        """Variant name, then protocol label, then frame budget: the order of table columns and legends (then
+        what sets apart settings alike in all three, so that they keep one order from run to run)."""
+        return (self.variant, self.protocol.label(), self.frames_budget or 0, self.distinction, self.protocol.details,
+                self.hyperparameters)
+
+
+def hyperparameters(config: dict) -> tuple[tuple[str, str], ...]:
+    """The recorded config's hyperparameters (see NOT_HYPERPARAMETERS), with the defaults of fields added since."""
+    identity = flatten_keys(recorded_identity(config))
+    return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in identity.items() if k not in NOT_HYPERPARAMETERS))
+
+
+def distinguish(records: list[RunRecord]) -> list[RunRecord]:
+    """Name, in each setting's ``distinction``, the recorded values in which settings differ that would otherwise
+    read alike (same variant, protocol label and budget): the hyperparameters and unlabelled protocol.json
+    fields. Their labels then tell them apart in tables and legends."""
+    alike: dict[tuple, set[Setting]] = defaultdict(set)
+    for r in records:
+        alike[r.variant, r.setting.protocol.label(), r.setting.frames_budget].add(r.setting)
+    renamed = {}
+    for settings in alike.values():
+        if len(settings) < 2:
+            continue
+        values = {s: {**{f"protocol.{k}": v for k, v in s.protocol.details}, **dict(s.hyperparameters)}
+                  for s in settings}
+        keys = sorted({k for v in values.values() for k in v})
+        differ = [k for k in keys if len({v.get(k) for v in values.values()}) > 1]
+        for s in settings:
+            renamed[s] = replace(s, distinction=", ".join(f"{k}={values[s].get(k, '(none)')}" for k in differ))
+    for r in records:
+        r.setting = renamed.get(r.setting, r.setting)
+    return records
 
 
 @dataclass
@@ -105,6 +154,7 @@ def record_from_rundir(run: RunDir) -> RunRecord:
             variant=str(config.get("variant") or run.path.parent.parent.name),
             protocol=Protocol.from_run(protocol, config),
             frames_budget=None if budget is None else int(budget),
+            hyperparameters=hyperparameters(config),
         ),
         game=str(env.get("game") or run.path.parent.name),
         seed=int(config.get("seed", run.path.name[len("seed"):])),
@@ -141,7 +191,7 @@ def load_runs(
         if wanted_games is not None and record.game_key not in wanted_games:
             continue
         records.append(record)
-    return records
+    return distinguish(records)
 
 
 def require_runs(

@@ -130,7 +130,7 @@ def write_table(df: pd.DataFrame, out_dir: Path, name: str, title: str, notes: S
 
 def setting_header(setting: Setting, kind: str, frames_trained: float | None = None) -> str:
     frames = fmt_frames(frames_trained if frames_trained else setting.frames_budget)
-    return f"{setting.variant}\n{SCORE_KINDS[kind]}\n{setting.protocol.label()}\n{frames} frames"
+    return f"{setting.name}\n{SCORE_KINDS[kind]}\n{setting.protocol.label()}\n{frames} frames"
 
 
 def game_rows(summary: pd.DataFrame) -> tuple[list[str], list[str]]:
@@ -193,7 +193,7 @@ def variant_table(
         values = ["-" if p is None else f"{fmt_value(p['mean_return'])} +- {fmt_value(p['std_return'])}" for p in points]
         if head not in table.columns or table[head].tolist() != values:  # settings of one budget share this column
             table[_new_column(table, head)] = values
-        within = (f"{setting.variant} final eval\nwithin Dopamine +-1 s.d.?\n"
+        within = (f"{setting.name} final eval\nwithin Dopamine +-1 s.d.?\n"
                   f"({setting.protocol.name}, {fmt_frames(setting.frames_budget)} frames)")
         table[_new_column(table, within)] = [
             "n/a" if p is None or k not in ours.index
@@ -235,7 +235,7 @@ def aggregates_table(
             # One run per game: the stratified bootstrap has nothing to resample, so no interval is shown.
             ci = fmt_ci if len(sub) > len(keys) else fmt_point
             rows.append({
-                "Agent": setting.variant, "Scores": SCORE_KINDS[kind], "Protocol": setting.protocol.label(),
+                "Agent": setting.name, "Scores": SCORE_KINDS[kind], "Protocol": setting.protocol.label(),
                 "Frames": fmt_frames(sub["frames_trained"].max()), "Games": len(keys), "Runs": len(sub),
                 "Median HNS %": ci(*_e(est["median"]), scale=100),
                 "Mean HNS %": ci(*_e(est["mean"]), scale=100),
