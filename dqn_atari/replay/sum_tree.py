@@ -10,7 +10,10 @@ nodes). At 1M leaves that leaves 2 levels to descend per draw and to update per 
 binary tree's 20.
 
 Every internal node is recomputed as the sum of its children (never updated by adding deltas), so
-floating-point error cannot drift however many updates are made.
+floating-point error cannot drift however many updates are made. The sum is NumPy's row reduction, whose
+rounding does not depend on how many rows one call sums (a BLAS matrix-vector product's does), so the tree is
+a function of its leaves alone: one rebuilt from saved priorities equals the saved one bit for bit, and a
+resumed run samples exactly as the run never stopped.
 """
 
 from __future__ import annotations
@@ -50,7 +53,6 @@ class SumTree:
         self.levels = [np.zeros(n, dtype=np.float64) for n in _level_sizes(self.size, self.branching, top_nodes)]
         self.depth = len(self.levels) - 1
         self._exclusive_ones = np.triu(np.ones((branching, branching + 1)), k=1)
-        self._ones = np.ones(branching)
         # _children[lvl][j] = the K children (at level lvl) of node j at level lvl + 1 (views, no copies).
         self._children = [level.reshape(-1, branching) for level in self.levels[:-1]]
 
@@ -105,7 +107,7 @@ class SumTree:
         for lvl in range(1, self.depth + 1):
             node = node // self.branching
             # Duplicate parents all receive the same freshly computed sum, so no dedup is needed here.
-            self.levels[lvl][node] = self._children[lvl - 1][node] @ self._ones  # BLAS: faster than .sum(1)
+            self.levels[lvl][node] = self._children[lvl - 1][node].sum(axis=1)  # as set_all sums: see the docstring
 
     def set_all(self, values: np.ndarray) -> None:
         """Replace every leaf and rebuild all sums (used after loading a save)."""
@@ -114,7 +116,7 @@ class SumTree:
             raise ValueError(f"SumTree.set_all expects shape ({self.size},), got {values.shape}")
         self.levels[0][: self.size] = values
         for lvl in range(1, self.depth + 1):
-            self.levels[lvl][:] = self.levels[lvl - 1].reshape(-1, self.branching).sum(axis=1)
+            self.levels[lvl][:] = self._children[lvl - 1].sum(axis=1)
 
     def find(self, mass: np.ndarray) -> np.ndarray:
         """Leaf index i for each prefix mass m with sum(leaves[:i]) <= m < sum(leaves[:i+1]).
