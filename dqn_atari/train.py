@@ -377,6 +377,7 @@ class Trainer:
             return False
         gen = self.last_checkpoint = ckpt.load_checkpoint(self.ckpt_root, self._restore)
         if gen is None:
+            self._refuse_to_overwrite_lost_progress()
             self.obs, _ = self.env.reset(seed=self.cfg.seed)
             run.truncate_after(-1)
         else:
@@ -389,6 +390,22 @@ class Trainer:
         self.writer = SummaryWriter(str(run.path / "tb"), purge_step=self.counters.agent_step or None)
         self.recent = deque(self.counters.recent_scores, maxlen=20)
         return True
+
+    def _refuse_to_overwrite_lost_progress(self) -> None:
+        """Starting from step 0 rewrites train.csv and eval.csv. That is right after a crash before the first
+        checkpoint (the same steps are played again), but a run that recorded steps past its first checkpoint
+        period has lost its checkpoints (deleted, or the run directory copied without them): raise, and keep
+        its records."""
+        run = self.run
+        recorded = max((int(df["agent_step"].max()) for df in (run.train, run.eval) if len(df)), default=0)
+        if recorded < self.cfg.train.checkpoint_period_steps:
+            return
+        raise ckpt.CheckpointError(
+            f"{run.path} recorded training up to agent step {recorded:,}, but {self.ckpt_root} holds no checkpoint: "
+            f"they were deleted, or the run directory was copied without them. Starting again from step 0 would "
+            f"rewrite its train.csv and eval.csv, so nothing was changed. To resume, put the checkpoints back. "
+            f"To train the run again from scratch, move its logs aside first: "
+            f"mkdir {run.path / 'old'} && mv {run.path / 'train.csv'} {run.path / 'eval.csv'} {run.path / 'old'}/")
 
     def protocol_record(self) -> dict:
         protocol = getattr(self.env, "protocol", None)

@@ -33,6 +33,7 @@ from safetensors.numpy import load_file
 from dqn_atari import checkpoint as ckpt
 from dqn_atari.cli import build_config, main
 from dqn_atari.replay import ReplayBuffer, available_memory_bytes
+from dqn_atari.rundir import RunDir
 from dqn_atari.train import Trainer
 from same_run import assert_same_run
 
@@ -396,6 +397,38 @@ def test_a_corrupt_only_checkpoint_is_reported_and_nothing_is_touched(run_copy, 
     assert rc == 1
     assert "No usable checkpoint" in err and "does not match its checksum" in err and "delete" in err
     assert snapshot(run_copy) == before
+
+
+def test_a_run_whose_checkpoints_are_lost_keeps_its_logs_and_says_how_to_start_over(run_copy, capsys):
+    """Checkpoints deleted (or a run directory copied without them) after 450 steps, past the first checkpoint
+    at 200: training is refused and train.csv / eval.csv stay as they were; moved aside as the error says, the
+    run starts over."""
+    run = run_path(run_copy)
+    shutil.rmtree(run / "checkpoints")
+    before = snapshot(run_copy)
+    assert len(RunDir(run).eval) and RunDir(run).train["agent_step"].max() > 200
+    rc = main(cartpole_argv(run_copy))
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 1 and "recorded training up to agent step 450" in err and "holds no checkpoint" in err
+    assert snapshot(run_copy) == before
+    assert f"mkdir {run / 'old'} && mv {run / 'train.csv'} {run / 'eval.csv'} {run / 'old'}/" in err
+    (run / "old").mkdir()
+    for name in ("train.csv", "eval.csv"):
+        (run / name).rename(run / "old" / name)
+    assert main(cartpole_argv(run_copy)) == 0
+    assert (run / "DONE").exists()
+    assert snapshot(run / "old") == {name: before[f"nature_dqn/CartPole/seed1/{name}"]
+                                     for name in ("train.csv", "eval.csv")}
+
+
+def test_a_crash_before_the_first_checkpoint_starts_over(run_copy):
+    """No checkpoint, and logs only up to a step before the first checkpoint period: the run starts again
+    from step 0 (it plays the same steps again) and rewrites its logs."""
+    run = run_path(run_copy)
+    shutil.rmtree(run / "checkpoints")
+    RunDir(run).truncate_after(150)
+    assert main(cartpole_argv(run_copy)) == 0
+    assert (run / "DONE").exists() and RunDir(run).train["agent_step"].is_monotonic_increasing
 
 
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(run_copy, tmp_path, capsys):
