@@ -202,7 +202,9 @@ def ablations_main(argv: Sequence[str] | None = None) -> int:
                             overrides=args.overrides, progress=not args.no_progress)
     except (ConfigError, CheckpointError, TrainingDiverged, RunBusy, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1 if isinstance(exc, (CheckpointError, TrainingDiverged, RunBusy)) else 2
+        if isinstance(exc, RunBusy):
+            return exc.exit_status
+        return 1 if isinstance(exc, (CheckpointError, TrainingDiverged)) else 2
     if out is None:  # stopped cleanly by a signal, like `train`: status 0, the message says to re-run
         return 0
     md, png = out

@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         # Exit 2: the input is wrong (fix it and re-run). Exit 1: the run failed (memory, disk, divergence,
         # damaged checkpoint); everything already written is kept.
         print(f"error: {_with_hint(exc)}", file=sys.stderr)
+        if isinstance(exc, RunBusy):
+            return exc.exit_status
         return 2 if isinstance(exc, (ConfigError, ValueError, FileNotFoundError)) else 1
     except OSError as exc:
         import errno

@@ -411,6 +411,25 @@ def recorded_identity(recorded: dict) -> dict:
         return {k: v for k, v in recorded.items() if k not in RUN_LOCAL_KEYS}
 
 
+def config_mismatch(recorded: dict, ours: dict, where: Path, done: bool = False) -> str:
+    """The error for a run directory whose recorded run identity differs from ours: what differs, what to do."""
+    a, b = flatten_keys(recorded), flatten_keys(ours)
+    diffs = [f"{k}: recorded {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b))
+             if comparable(a.get(k)) != comparable(b.get(k))]
+    if done:  # reusing it would report another config's results under this one's name
+        return (f"This run directory holds a finished run of a different config ({where}): {'; '.join(diffs[:8])}. "
+                f"Use the original settings to reuse it, or another runs_root or seed to train this config "
+                f"(or move the finished run away).")
+    return (f"This run directory was started with a different config ({where}): {'; '.join(diffs[:8])}. "
+            f"Resuming would silently change the run. Use the original settings, choose another variant name "
+            f"or seed, or pass force=true to resume anyway.")
+
+
+def comparable(v: Any) -> Any:
+    """A config value as recorded YAML gives it back (tuples become lists), for comparing with a recorded one."""
+    return list(v) if isinstance(v, tuple) else v
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Split ``key=value``; the value is parsed as YAML (so lists and booleans work) and checked later."""
     if "=" not in text:

@@ -57,6 +57,7 @@ STATUS_NAME = "sweep_status.json"
 LOCK_NAME = ".sweep.lock"
 TEST_KILL_MARKER = ".sweep_test_killed"
 DONE_NAME = "DONE"  # dqn_atari.rundir.RunDir.DONE (not imported here: runners stay light)
+EXIT_BUSY = 75  # train's exit status when another process trains the run: dqn_atari.train.RunBusy.exit_status
 
 HEARTBEAT_S = 30.0
 """The runner touches sweep_status.json this often while its train process lives."""
@@ -310,9 +311,12 @@ def sweeps_dir_for(runs_root: str | Path) -> Path:
     return Path(runs_root).parent / "sweeps"
 
 
-def write_sweep_file(path: Path, name: str, specs: Sequence[RunSpec], command: Sequence[str] = ()) -> Path:
+def write_sweep_file(path: Path, name: str, specs: Sequence[RunSpec], command: Sequence[str] = (),
+                     auto_gpus: bool = False) -> Path:
+    """``auto_gpus``: no GPU count was given, so on Ray the runs' GPUs are chosen when it sees the cluster
+    (run_ray), also when the file is launched again with ``--from``."""
     data = {"name": name, "written": _now_iso(), "command": shlex.join(command) if command else "",
-            "runs": [s.to_dict() for s in specs]}
+            "auto_gpus": auto_gpus, "runs": [s.to_dict() for s in specs]}
     _write_json(path, data, indent=1)
     return path
 
@@ -348,6 +352,9 @@ def find_sweep_file(name: str | None, sweeps_dir: Path) -> Path | None:
 
 _CHILDREN: set[subprocess.Popen] = set()
 _CHILDREN_LOCK = threading.RLock()  # re-entrant: submitit's signal handler may run while the main thread holds it
+# Set (under _CHILDREN_LOCK) when this process stops its local sweep: runners still waiting for a run's lock then
+# start nothing, and the train processes it stopped count as interrupted, however they exit.
+_STOPPING = threading.Event()
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 _PR_SET_PDEATHSIG = 1
 
@@ -465,15 +472,40 @@ def run_one(spec: RunSpec | dict) -> dict[str, Any]:
     result: dict[str, Any] = {"run": spec.name, "state": "skipped", "returncode": None, "error": "",
                               "log": str(log), "seconds": 0.0}
     if (path / DONE_NAME).is_file():
-        return result
+        return _finished(spec, result)
     path.mkdir(parents=True, exist_ok=True)
     with _RunLock(path / LOCK_NAME, LOCK_WAIT_S) as lock:
         if lock is None:
             return {**result, "state": "busy",
                     "error": f"another process holds {path / LOCK_NAME}: the run is being trained elsewhere"}
         if (path / DONE_NAME).is_file():  # finished while we waited for the lock
-            return result
+            return _finished(spec, result)
         return _attempt(spec, lock.fd, result)
+
+
+def _finished(spec: RunSpec, result: dict[str, Any]) -> dict[str, Any]:
+    """A DONE run is skipped if it is this spec's config; one of another config (another FRAMES= or ARGS=) has
+    failed this sweep, which must not report its results as its own."""
+    other = finished_with_other_config(spec)
+    return {**result, "state": "failed", "error": other} if other else result
+
+
+def finished_with_other_config(spec: RunSpec) -> str:
+    """'' when the run directory's recorded config has the spec's run identity; otherwise what differs."""
+    import yaml
+
+    from dqn_atari.config import ConfigError, config_mismatch, load_config, recorded_identity
+
+    config = Path(spec.config) if Path(spec.config).is_absolute() else Path(spec.workdir) / spec.config
+    try:
+        ours = load_config(config, spec.overrides).run_identity()
+        recorded = yaml.safe_load((spec.path / "config.yaml").read_text())
+        if not isinstance(recorded, dict):
+            raise ConfigError("it does not hold a mapping")
+    except (ConfigError, OSError, yaml.YAMLError) as exc:
+        return f"cannot tell whether the finished run in {spec.path} is of this sweep's config: {exc}"
+    recorded = recorded_identity(recorded)
+    return "" if recorded == ours else config_mismatch(recorded, ours, spec.path / "config.yaml", done=True)
 
 
 def _attempt(spec: RunSpec, lock_fd: int, result: dict[str, Any]) -> dict[str, Any]:
@@ -488,7 +520,9 @@ def _attempt(spec: RunSpec, lock_fd: int, result: dict[str, Any]) -> dict[str, A
     handles_usr2 = signal.getsignal(signal.SIGUSR2) not in (signal.SIG_DFL, signal.SIG_IGN, None)
     status = {"state": "running", "attempt": attempt, "host": socket.gethostname(), "runner_pid": os.getpid(),
               "pid": None, "started": _now_iso(), "command": shlex.join(command)}
-    with open(path / LOG_NAME, "ab") as log:
+    with open(path / LOG_NAME, "ab") as log, _CHILDREN_LOCK:
+        if _STOPPING.is_set():  # the sweep was stopped while this runner waited for the run's lock
+            return {**result, "state": "interrupted"}
         log.write(f"=== sweep attempt {attempt}: {status['started']} on {status['host']} (runner pid "
                   f"{os.getpid()})\n$ {shlex.join(command)}\n".encode())
         log.flush()
@@ -500,11 +534,10 @@ def _attempt(spec: RunSpec, lock_fd: int, result: dict[str, Any]) -> dict[str, A
             log.write(f"error: cannot start the run: {exc}\n".encode())
             _write_json(status_path, {**status, "state": "exited", "returncode": 127, "ended": _now_iso()})
             return {**result, "state": "failed", "returncode": 127, "error": f"cannot start the run: {exc}"}
-    with _CHILDREN_LOCK:
         _CHILDREN.add(proc)
-    _write_json(status_path, {**status, "pid": proc.pid})
     interrupted = False
     try:
+        _write_json(status_path, {**status, "pid": proc.pid})
         _wait(proc, spec, status_path)
     except BaseException:  # KeyboardInterrupt, Ray's cancel, submitit's requeue exit: checkpoint, then go
         interrupted = True
@@ -514,10 +547,12 @@ def _attempt(spec: RunSpec, lock_fd: int, result: dict[str, Any]) -> dict[str, A
         rc = proc.wait()
         with _CHILDREN_LOCK:
             _CHILDREN.discard(proc)
+            interrupted = interrupted or _STOPPING.is_set()  # stopped by this sweep, whatever its exit status
         _write_json(status_path, {**status, "pid": proc.pid, "state": "exited", "returncode": rc,
                                   "interrupted": interrupted, "ended": _now_iso()})
     done = (path / DONE_NAME).is_file()
-    state = "done" if done else ("failed" if rc != 0 else "interrupted")
+    state = ("done" if done else "busy" if rc == EXIT_BUSY else "interrupted" if rc == 0 or interrupted
+             else "failed")
     return {**result, "state": state, "returncode": rc, "error": "" if done else last_error(path / LOG_NAME),
             "seconds": round(time.monotonic() - started, 1)}
 
@@ -637,6 +672,7 @@ def run_local(specs: Sequence[RunSpec], max_parallel: int | None = None, memory_
     todo, results = list(specs), []
     running: dict[Future, RunSpec] = {}
     used = 0
+    _STOPPING.clear()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _in_main_thread() else None
     pool = ThreadPoolExecutor(max_workers=max(1, slots), thread_name_prefix="sweep-run")
     try:
@@ -649,13 +685,18 @@ def run_local(specs: Sequence[RunSpec], max_parallel: int | None = None, memory_
                     running[pool.submit(run_one, spec)] = spec
                 finished, _ = wait(list(running), timeout=1.0, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    used -= running.pop(future).memory_bytes
-                    results.append(future.result())
+                    spec = running.pop(future)
+                    used -= spec.memory_bytes
+                    try:
+                        results.append(future.result())
+                    except Exception as exc:  # noqa: BLE001 - the runner's own error (a full disk, say): report it
+                        results.append(_failure(spec, f"{type(exc).__name__}: {exc}"))
                     _print_result(results[-1], len(results), len(specs), out)
             except KeyboardInterrupt:
                 interrupts += 1
                 todo.clear()
                 with _CHILDREN_LOCK:
+                    _STOPPING.set()
                     children = list(_CHILDREN)
                 for proc in children:  # in their own sessions: they did not see the terminal's Ctrl-C
                     _signal(proc, signal.SIGTERM)
@@ -671,6 +712,12 @@ def run_local(specs: Sequence[RunSpec], max_parallel: int | None = None, memory_
     if interrupts:
         raise KeyboardInterrupt
     return results
+
+
+def _failure(spec: RunSpec, error: str) -> dict[str, Any]:
+    """The result of a run whose runner or task failed before the run could report for itself."""
+    return {"run": spec.name, "state": "failed", "returncode": None, "seconds": 0.0, "error": error,
+            "log": str(spec.path / LOG_NAME)}
 
 
 def _in_main_thread() -> bool:
@@ -725,9 +772,7 @@ def run_ray(specs: Sequence[RunSpec], max_parallel: int | None = None, retries: 
                     try:
                         results.append(ray.get(ref))
                     except ray.exceptions.RayError as exc:  # retries used up, or the task was cancelled
-                        results.append({"run": s.name, "state": "failed", "returncode": None, "seconds": 0.0,
-                                        "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}",
-                                        "log": str(s.path / LOG_NAME)})
+                        results.append(_failure(s, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"))
                     _print_result(results[-1], len(results), len(specs), out)
         except KeyboardInterrupt:
             out("Stopping: cancelling the tasks; their runs checkpoint and exit. Re-launch to resume.")
@@ -773,9 +818,7 @@ def run_slurm(specs: Sequence[RunSpec], folder: Path, max_parallel: int | None =
         try:
             results.append(job.result())
         except Exception as exc:  # noqa: BLE001 - a job that died is reported, the others are still collected
-            results.append({"run": s.name, "state": "failed", "returncode": None, "seconds": 0.0,
-                            "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}",
-                            "log": str(s.path / LOG_NAME)})
+            results.append(_failure(s, f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}"))
         _print_result(results[-1], len(results), len(specs), out)
     return results
 
@@ -830,6 +873,9 @@ def run_status(spec: RunSpec, now: float | None = None, host: str | None = None)
     row: dict[str, Any] = {"run": spec.name, "state": "pending", "frames": 0, "total": spec.frames, "eval": None,
                            "fps": None, "eta_s": None, "note": "", "run_dir": str(path)}
     if (path / DONE_NAME).is_file():
+        other = finished_with_other_config(spec)
+        if other:
+            return {**row, "state": "failed", "note": other}
         summary = _read_json(path / DONE_NAME) or {}
         frames, wall = summary.get("frames", spec.frames), summary.get("wall_time_s")
         return {**row, "state": "done", "frames": frames, "eval": summary.get("final_eval_mean"),
@@ -856,7 +902,10 @@ def run_status(spec: RunSpec, now: float | None = None, host: str | None = None)
                        f"its runner on {status.get('host')} is gone; re-launch resumes it")
     else:
         rc = status.get("returncode")
-        if rc not in (0, None) and not status.get("interrupted"):
+        if rc == EXIT_BUSY:
+            row["state"] = "busy"
+            row["note"] = "another process (a `make reproduce`?) was training it when this sweep tried"
+        elif rc not in (0, None) and not status.get("interrupted"):
             row["state"] = "failed"
             row["note"] = (f"killed by {_signal_name(-rc)}" if rc < 0 else f"exit {rc}") + ": " + \
                 (last_error(path / LOG_NAME) or "see the log") + f"  [log: {path / LOG_NAME}]"
@@ -1013,6 +1062,7 @@ def _sweep(args: argparse.Namespace, argv: list[str]) -> int:
         name, specs = read_sweep_file(path)
         resources = {k: v for k, v in (("cpus", args.cpus_per_run), ("gpus", args.gpus_per_run)) if v is not None}
         specs = [dataclasses.replace(s, **resources) for s in specs]
+        auto_gpus = args.gpus_per_run is None and bool((_read_json(path) or {}).get("auto_gpus"))
     else:
         games = expand_games(words(args.games))
         variants = words(args.variants)
@@ -1021,15 +1071,25 @@ def _sweep(args: argparse.Namespace, argv: list[str]) -> int:
         # Slurm runs get a whole GPU unless told otherwise; Ray decides once it sees the cluster (run_ray).
         default_gpus = 1.0 if args.backend == "slurm" and args.submitit_cluster == "slurm" else 0.0
         gpus = args.gpus_per_run if args.gpus_per_run is not None else default_gpus
+        auto_gpus = args.gpus_per_run is None
         specs = expand_runs(games, parse_seeds(args.seeds), variants, frames=parse_frames(args.frames),
                             overrides=args.overrides, runs_root=runs_root, cpus=args.cpus_per_run or 1, gpus=gpus)
         name = args.name.strip() or default_name(specs)
         root = Path(specs[0].run_dir).parents[2]  # <runs_root>/<variant>/<game>/seed<k>
         path = sweeps_dir_for(root if root.is_absolute() else Path(specs[0].workdir) / root) / f"{name}.json"
-        write_sweep_file(path, name, specs, ["python", "-m", "dqn_atari", "sweep", *argv])
+        write_sweep_file(path, name, specs, ["python", "-m", "dqn_atari", "sweep", *argv], auto_gpus=auto_gpus)
     todo = [s for s in specs if not (s.path / DONE_NAME).is_file()]
     print(f"Sweep {name}: {len(specs)} runs, {len(specs) - len(todo)} already done, {len(todo)} to run. "
           f"Run list: {path}")
+    others = {s.name: finished_with_other_config(s) for s in specs if s not in todo}
+    others = {run: why for run, why in others.items() if why}
+    if others:
+        for run, why in others.items():
+            print(f"  {run}: {why}", file=sys.stderr)
+        print(f"error: {len(others)} of these run directories hold a finished run of another config (listed above); "
+              f"this sweep would report their results as its own. Nothing was started: use another --runs-root "
+              f"(make: SWEEP_OPTS='--runs-root ...') or move those runs away.", file=sys.stderr)
+        return 2
     if args.dry_run:
         for s in specs:
             print(f"  {s.name:<40} {s.run_dir}  (~{_gb(s.memory_bytes)})  {shlex.join(s.command('python'))}")
@@ -1041,7 +1101,7 @@ def _sweep(args: argparse.Namespace, argv: list[str]) -> int:
         results = run_local(todo, max_parallel, int(args.memory_gb * 1e9) if args.memory_gb is not None else None)
     elif args.backend == "ray":
         results = run_ray(todo, max_parallel, retries=args.retries,
-                          auto_gpus=args.gpus_per_run is None and not args.from_file)
+                          auto_gpus=auto_gpus)  # not given now, nor when the sweep file was written
     else:
         folder = path.with_name(f"{name}_submitit")
         results = run_slurm(todo, folder, max_parallel, args.time_min, args.partition or None,

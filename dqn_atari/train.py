@@ -31,7 +31,8 @@ import torch
 from dqn_atari import checkpoint as ckpt
 from dqn_atari.agent import Agent, resolve_device
 from dqn_atari.agent_group import AgentGroup
-from dqn_atari.config import Config, ConfigError, flatten_keys, frames_to_steps, recorded_identity
+from dqn_atari.config import (Config, ConfigError, comparable, config_mismatch, flatten_keys, frames_to_steps,
+                              recorded_identity)
 from dqn_atari.envs import env_display_name, is_control_task, make_env
 from dqn_atari.progress import progress_bar
 from dqn_atari.replay import HindsightReplayBuffer, PrioritizedReplayBuffer, ReplayBuffer
@@ -48,6 +49,8 @@ class EvaluationStopped(Exception):
 
 class RunBusy(RuntimeError):
     """Another process is training this run directory (it holds the run's lock); nothing was touched."""
+
+    exit_status = 75  # EX_TEMPFAIL: try again later. A sweep reports the run as busy, not failed.
 
 
 TRAIN_LOCK = ".train.lock"
@@ -342,7 +345,7 @@ class Trainer:
         a = self.agent
         recorded = recorded_identity(state.get("config", {}))
         if recorded != self.cfg.run_identity() and not self.cfg.force:
-            raise ConfigError(_config_mismatch(recorded, self.cfg.run_identity(), gen))
+            raise ConfigError(config_mismatch(recorded, self.cfg.run_identity(), gen))
         a.online.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("online.")})
         a.target.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("target.")})
         opt_state: dict[int, dict] = {}
@@ -371,7 +374,7 @@ class Trainer:
         if run.exists and (run.path / "config.yaml").exists():
             recorded, ours = recorded_identity(run.config), self.cfg.run_identity()
             if recorded != ours and not self.cfg.force:
-                raise ConfigError(_config_mismatch(recorded, ours, run.path / "config.yaml", run.is_done))
+                raise ConfigError(config_mismatch(recorded, ours, run.path / "config.yaml", run.is_done))
         if run.is_done:
             print(f"{run.path} is DONE; nothing to do (delete its DONE file to train again).")
             return False
@@ -749,7 +752,7 @@ def _check_together(trainers: list[Trainer]) -> None:
     for t in trainers:
         other = flatten_keys(t.cfg.run_identity())
         diffs = [k for k in sorted(set(first) | set(other)) if k not in ("seed", "env.game")
-                 and _norm(first.get(k)) != _norm(other.get(k))]
+                 and comparable(first.get(k)) != comparable(other.get(k))]
         if diffs or t.cfg.device != trainers[0].cfg.device:
             raise ConfigError(f"Runs trained in one process must share every setting but seed and env.game; "
                               f"{t.run.path} differs in {', '.join(diffs) or 'device'}. Train them separately.")
@@ -787,23 +790,6 @@ def _set_torch_rng_state(state: dict[str, torch.Tensor], device: torch.device) -
     torch.set_rng_state(state["torch"])
     if "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _config_mismatch(recorded: dict, ours: dict, where: Path, done: bool = False) -> str:
-    a, b = flatten_keys(recorded), flatten_keys(ours)
-    diffs = [f"{k}: recorded {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b))
-             if _norm(a.get(k)) != _norm(b.get(k))]
-    if done:  # reusing it would report another config's results under this one's name
-        return (f"This run directory holds a finished run of a different config ({where}): {'; '.join(diffs[:8])}. "
-                f"Use the original settings to reuse it, or another runs_root or seed to train this config "
-                f"(or move the finished run away).")
-    return (f"This run directory was started with a different config ({where}): {'; '.join(diffs[:8])}. "
-            f"Resuming would silently change the run. Use the original settings, choose another variant name "
-            f"or seed, or pass force=true to resume anyway.")
-
-
-def _norm(v: Any) -> Any:
-    return list(v) if isinstance(v, tuple) else v
 
 
 def _to_tuple(v: Any) -> Any:

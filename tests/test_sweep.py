@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from dqn_atari.sweep import (
-    DONE_NAME, LOCK_NAME, LOG_NAME, STATUS_NAME, TEST_KILL_MARKER, RunSpec, _csv_tail, _recent_rate,
-    estimate_memory_bytes, expand_runs, parse_frames, parse_seeds, plan_local, read_sweep_file, run_status,
+    DONE_NAME, EXIT_BUSY, LOCK_NAME, LOG_NAME, STATUS_NAME, TEST_KILL_MARKER, RunSpec, _csv_tail, _recent_rate,
+    estimate_memory_bytes, expand_runs, parse_frames, parse_seeds, plan_local, read_sweep_file, run_one, run_status,
     status_main, sweep_main, write_sweep_file,
 )
 
@@ -118,6 +118,11 @@ def test_expansion_resolves_every_run_and_round_trips_through_the_sweep_file(tmp
                        "--name", "dry", "--dry-run", "--", *TINY]) == 0
     assert read_sweep_file(tmp_path / "sweeps" / "dry.json")[1] == specs
     assert not (tmp_path / "runs").exists()
+    # No --gpus-per-run: Ray chooses the runs' GPUs once it sees the cluster, on a re-launch with --from too.
+    assert json.loads((tmp_path / "sweeps" / "dry.json").read_text())["auto_gpus"] is True
+    assert sweep_main(["--games", "CartPole", "--seeds", "1", "--runs-root", str(tmp_path / "runs"), "--name", "cpu",
+                       "--gpus-per-run", "0", "--dry-run", "--", *TINY]) == 0
+    assert json.loads((tmp_path / "sweeps" / "cpu.json").read_text())["auto_gpus"] is False
 
 
 def test_replay_memory_estimate_matches_the_paper_replay():
@@ -259,6 +264,43 @@ def test_a_failing_run_is_reported_with_its_error_and_shown_failed_by_status(tmp
     assert status_main(["--runs-root", str(tmp_path / "runs")]) == 0
     table = capsys.readouterr().out
     assert "failed" in table and "exit 2" in table and "replay.capacity" in table
+
+
+def test_a_finished_run_of_another_config_is_refused_not_counted_as_done(tmp_path, capsys):
+    """A sweep with another budget over a runs root that holds a finished run stops before starting anything
+    (it would report that run's results as its own); status and the runner say so too; the run is untouched."""
+    argv = ["--games", "CartPole", "--seeds", "1", "--runs-root", str(tmp_path / "runs"), "--name", "a", "--", *TINY]
+    assert sweep_main(argv) == 0
+    spec = tiny_specs(tmp_path, games=("CartPole",), seeds=(1,))[0]
+    before = snapshot(spec.path)
+    capsys.readouterr()
+    assert sweep_main([*argv, "train.frames=3000"]) == 2
+    err = capsys.readouterr().err
+    assert "finished run of a different config" in err and "train.frames: recorded 2000, now 3000" in err
+    assert "Nothing was started" in err
+    other = longer(spec, 3000)
+    assert run_status(other)["state"] == "failed" and "train.frames" in run_status(other)["note"]
+    assert run_one(other)["state"] == "failed"
+    assert run_status(spec)["state"] == "done" and run_one(spec)["state"] == "skipped"
+    assert snapshot(spec.path) == before
+
+
+def test_a_stopping_sweep_starts_nothing_and_a_busy_run_is_shown_busy(tmp_path):
+    """Once a local sweep is stopping, a runner that got its run's lock only then starts no train process;
+    a run whose train found another trainer (exit EX_TEMPFAIL) is busy, not failed."""
+    import dqn_atari.sweep as sweep
+
+    spec, busy = tiny_specs(tmp_path, games=("CartPole",), seeds=(1, 2))
+    sweep._STOPPING.set()
+    try:
+        assert run_one(spec)["state"] == "interrupted"
+    finally:
+        sweep._STOPPING.clear()
+    assert (spec.path / LOG_NAME).read_text() == "" and not (spec.path / "config.yaml").exists()
+    busy.path.mkdir(parents=True)
+    (busy.path / STATUS_NAME).write_text(json.dumps({"state": "exited", "returncode": EXIT_BUSY, "interrupted": False,
+                                                     "host": socket.gethostname(), "attempt": 1}))
+    assert run_status(busy)["state"] == "busy"
 
 
 # ---------------------------------------------------------------------------------------------------- ray

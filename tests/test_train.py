@@ -99,7 +99,7 @@ def test_one_process_at_a_time_trains_a_run(tmp_path, capsys):
     with pytest.raises(RunBusy, match="being trained by another process"):
         Trainer(cfg, progress=False).train()
     assert main(["train", str(CARTPOLE), f"runs_root={tmp_path}", "device=cpu", "train.frames=1500",
-                 "--no-progress"]) == 1
+                 "--no-progress"]) == RunBusy.exit_status == 75
     assert "being trained by another process" in capsys.readouterr().err
     first.close()
     assert Trainer(cfg, progress=False).train().is_done
