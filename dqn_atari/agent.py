@@ -99,11 +99,16 @@ def check_compile(device: torch.device) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device of ``device=`` (auto: CUDA when there is a GPU). On CUDA, cuDNN's TF32 convolutions are
+    turned off: torch enables them by default (its matrix products stay float32), which would round each
+    convolution's inputs to 10 mantissa bits. Float32 throughout is what the papers computed with."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name} was asked for but torch sees no CUDA GPU; use device=cpu or device=auto.")
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
     return device
 
 

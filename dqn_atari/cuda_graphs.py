@@ -43,10 +43,17 @@ def cuda_capture(fn: Callable[..., Any], inputs: tuple) -> Callable[[], Any]:
     its outputs (the same tensors every time). Capturing records the kernels without running them."""
     device = tree_flatten(inputs)[0][0].device
     graph = torch.cuda.CUDAGraph()
+    current = torch.cuda.current_stream(device)
     # On that device's own stream: torch.cuda.graph's default capture stream belongs to the current device,
     # which need not be the run's (device=cuda:1).
-    with torch.cuda.device(device), torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
-        outputs = fn(*inputs)
+    try:
+        with torch.cuda.device(device), torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
+            outputs = fn(*inputs)
+    except BaseException:
+        # torch.cuda.graph ends the capture before it leaves its stream, so a capture that fails at its end would
+        # leave the capture stream current for the rest of the process.
+        torch.cuda.set_stream(current)
+        raise
 
     def replay() -> Any:
         graph.replay()
