@@ -355,6 +355,7 @@ def load_checkpoint(ckpt_root: Path, restore: Callable[[dict[str, torch.Tensor],
         return None
     raise CheckpointError(
         f"No usable checkpoint in {ckpt_root}: {'; '.join(problems)}. If the files were damaged, delete "
-        f"{ckpt_root} to start the run again from scratch (its CSV logs are rewritten); if they were written "
-        f"by another version of dqn_atari, resume with that version."
+        f"{ckpt_root} and move the run's train.csv and eval.csv aside (into {ckpt_root.parent / 'old'}/, say) to "
+        f"start the run again from scratch; if they were written by another version of dqn_atari, resume with "
+        f"that version."
     )

@@ -411,11 +411,17 @@ def recorded_identity(recorded: dict) -> dict:
         return {k: v for k, v in recorded.items() if k not in RUN_LOCAL_KEYS}
 
 
-def config_mismatch(recorded: dict, ours: dict, where: Path, done: bool = False) -> str:
-    """The error for a run directory whose recorded run identity differs from ours: what differs, what to do."""
+def identity_differences(recorded: dict, ours: dict) -> list[str]:
+    """'key: recorded X, now Y' for each field of two run identities (Config.run_identity) that differs. env.game
+    is not compared: the run directory already fixes the game, whatever its spelling (pong, Pong, ALE/Pong-v5)."""
     a, b = flatten_keys(recorded), flatten_keys(ours)
-    diffs = [f"{k}: recorded {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b))
-             if comparable(a.get(k)) != comparable(b.get(k))]
+    return [f"{k}: recorded {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if k != "env.game" and comparable(a.get(k)) != comparable(b.get(k))]
+
+
+def config_mismatch(diffs: list[str], where: Path, done: bool = False) -> str:
+    """The error for a run directory whose recorded run identity differs from ours in ``diffs``
+    (identity_differences): what differs, and what to do."""
     if done:  # reusing it would report another config's results under this one's name
         return (f"This run directory holds a finished run of a different config ({where}): {'; '.join(diffs[:8])}. "
                 f"Use the original settings to reuse it, or another runs_root or seed to train this config "

@@ -486,15 +486,19 @@ def run_one(spec: RunSpec | dict) -> dict[str, Any]:
 def _finished(spec: RunSpec, result: dict[str, Any]) -> dict[str, Any]:
     """A DONE run is skipped if it is this spec's config; one of another config (another FRAMES= or ARGS=) has
     failed this sweep, which must not report its results as its own."""
-    other = finished_with_other_config(spec)
+    try:
+        other = finished_with_other_config(spec)
+    except ValueError as exc:
+        other = str(exc)
     return {**result, "state": "failed", "error": other} if other else result
 
 
 def finished_with_other_config(spec: RunSpec) -> str:
-    """'' when the run directory's recorded config has the spec's run identity; otherwise what differs."""
+    """'' when the run directory's recorded config has the spec's run identity; otherwise what differs. Raises
+    ValueError when either config cannot be read here (a node that does not see the workdir, say)."""
     import yaml
 
-    from dqn_atari.config import ConfigError, config_mismatch, load_config, recorded_identity
+    from dqn_atari.config import ConfigError, config_mismatch, identity_differences, load_config, recorded_identity
 
     config = Path(spec.config) if Path(spec.config).is_absolute() else Path(spec.workdir) / spec.config
     try:
@@ -503,9 +507,10 @@ def finished_with_other_config(spec: RunSpec) -> str:
         if not isinstance(recorded, dict):
             raise ConfigError("it does not hold a mapping")
     except (ConfigError, OSError, yaml.YAMLError) as exc:
-        return f"cannot tell whether the finished run in {spec.path} is of this sweep's config: {exc}"
-    recorded = recorded_identity(recorded)
-    return "" if recorded == ours else config_mismatch(recorded, ours, spec.path / "config.yaml", done=True)
+        raise ValueError(f"cannot tell whether the finished run in {spec.path} is of this sweep's config: "
+                         f"{exc}") from None
+    diffs = identity_differences(recorded_identity(recorded), ours)
+    return config_mismatch(diffs, spec.path / "config.yaml", done=True) if diffs else ""
 
 
 def _attempt(spec: RunSpec, lock_fd: int, result: dict[str, Any]) -> dict[str, Any]:
@@ -873,7 +878,10 @@ def run_status(spec: RunSpec, now: float | None = None, host: str | None = None)
     row: dict[str, Any] = {"run": spec.name, "state": "pending", "frames": 0, "total": spec.frames, "eval": None,
                            "fps": None, "eta_s": None, "note": "", "run_dir": str(path)}
     if (path / DONE_NAME).is_file():
-        other = finished_with_other_config(spec)
+        try:
+            other = finished_with_other_config(spec)
+        except ValueError as exc:  # the done row stands, with the doubt in its note
+            other, row["note"] = "", str(exc)
         if other:
             return {**row, "state": "failed", "note": other}
         summary = _read_json(path / DONE_NAME) or {}
@@ -1081,7 +1089,7 @@ def _sweep(args: argparse.Namespace, argv: list[str]) -> int:
     todo = [s for s in specs if not (s.path / DONE_NAME).is_file()]
     print(f"Sweep {name}: {len(specs)} runs, {len(specs) - len(todo)} already done, {len(todo)} to run. "
           f"Run list: {path}")
-    others = {s.name: finished_with_other_config(s) for s in specs if s not in todo}
+    others = {s.name: _finished(s, {}).get("error") for s in specs if s not in todo}
     others = {run: why for run, why in others.items() if why}
     if others:
         for run, why in others.items():

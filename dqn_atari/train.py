@@ -32,7 +32,7 @@ from dqn_atari import checkpoint as ckpt
 from dqn_atari.agent import Agent, resolve_device
 from dqn_atari.agent_group import AgentGroup
 from dqn_atari.config import (Config, ConfigError, comparable, config_mismatch, flatten_keys, frames_to_steps,
-                              recorded_identity)
+                              identity_differences, recorded_identity)
 from dqn_atari.envs import env_display_name, is_control_task, make_env
 from dqn_atari.progress import progress_bar
 from dqn_atari.replay import HindsightReplayBuffer, PrioritizedReplayBuffer, ReplayBuffer
@@ -343,9 +343,9 @@ class Trainer:
 
     def _restore(self, tensors: dict[str, torch.Tensor], state: dict, gen: Path) -> None:
         a = self.agent
-        recorded = recorded_identity(state.get("config", {}))
-        if recorded != self.cfg.run_identity() and not self.cfg.force:
-            raise ConfigError(config_mismatch(recorded, self.cfg.run_identity(), gen))
+        diffs = identity_differences(recorded_identity(state.get("config", {})), self.cfg.run_identity())
+        if diffs and not self.cfg.force:
+            raise ConfigError(config_mismatch(diffs, gen))
         a.online.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("online.")})
         a.target.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("target.")})
         opt_state: dict[int, dict] = {}
@@ -372,9 +372,9 @@ class Trainer:
         run = self.run
         self.lock()
         if run.exists and (run.path / "config.yaml").exists():
-            recorded, ours = recorded_identity(run.config), self.cfg.run_identity()
-            if recorded != ours and not self.cfg.force:
-                raise ConfigError(config_mismatch(recorded, ours, run.path / "config.yaml", run.is_done))
+            diffs = identity_differences(recorded_identity(run.config), self.cfg.run_identity())
+            if diffs and not self.cfg.force:
+                raise ConfigError(config_mismatch(diffs, run.path / "config.yaml", run.is_done))
         if run.is_done:
             print(f"{run.path} is DONE; nothing to do (delete its DONE file to train again).")
             return False
@@ -396,12 +396,14 @@ class Trainer:
 
     def _refuse_to_overwrite_lost_progress(self) -> None:
         """Starting from step 0 rewrites train.csv and eval.csv. That is right after a crash before the first
-        checkpoint (the same steps are played again), but a run that recorded steps past its first checkpoint
-        period has lost its checkpoints (deleted, or the run directory copied without them): raise, and keep
-        its records."""
+        checkpoint was complete (the same steps are played again; the evaluation due at that step is written just
+        before it), but a run that recorded steps past its first checkpoint has lost its checkpoints (deleted, or
+        the run directory copied without them): raise, and keep its records."""
         run = self.run
         recorded = max((int(df["agent_step"].max()) for df in (run.train, run.eval) if len(df)), default=0)
-        if recorded < self.cfg.train.checkpoint_period_steps:
+        n = self.cfg.env.num_envs  # agent steps advance by the number of envs: the first checkpoint is at
+        first_checkpoint = -(-self.cfg.train.checkpoint_period_steps // n) * n
+        if recorded <= first_checkpoint:
             return
         raise ckpt.CheckpointError(
             f"{run.path} recorded training up to agent step {recorded:,}, but {self.ckpt_root} holds no checkpoint: "

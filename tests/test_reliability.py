@@ -421,12 +421,13 @@ def test_a_run_whose_checkpoints_are_lost_keeps_its_logs_and_says_how_to_start_o
                                      for name in ("train.csv", "eval.csv")}
 
 
-def test_a_crash_before_the_first_checkpoint_starts_over(run_copy):
-    """No checkpoint, and logs only up to a step before the first checkpoint period: the run starts again
-    from step 0 (it plays the same steps again) and rewrites its logs."""
+def test_a_crash_before_the_first_checkpoint_was_complete_starts_over(run_copy):
+    """No checkpoint, and logs up to the first checkpoint's step (200) at most, as when the process died while
+    writing it: the run starts again from step 0 (it plays the same steps again) and rewrites its logs."""
     run = run_path(run_copy)
     shutil.rmtree(run / "checkpoints")
-    RunDir(run).truncate_after(150)
+    RunDir(run).truncate_after(200)
+    assert RunDir(run).train["agent_step"].max() > 150
     assert main(cartpole_argv(run_copy)) == 0
     assert (run / "DONE").exists() and RunDir(run).train["agent_step"].is_monotonic_increasing
 

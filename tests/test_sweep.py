@@ -283,11 +283,15 @@ def test_a_finished_run_of_another_config_is_refused_not_counted_as_done(tmp_pat
     assert run_one(other)["state"] == "failed"
     assert run_status(spec)["state"] == "done" and run_one(spec)["state"] == "skipped"
     assert snapshot(spec.path) == before
+    # Another spelling of the same game (as `make reproduce GAME=cartpole` records it) is the same run.
+    config = spec.path / "config.yaml"
+    config.write_text(config.read_text().replace("game: CartPole", "game: cartpole"))
+    assert run_status(spec)["state"] == "done" and run_one(spec)["state"] == "skipped"
 
 
 def test_a_stopping_sweep_starts_nothing_and_a_busy_run_is_shown_busy(tmp_path):
     """Once a local sweep is stopping, a runner that got its run's lock only then starts no train process;
-    a run whose train found another trainer (exit EX_TEMPFAIL) is busy, not failed."""
+    a run whose train finds another trainer at work (exit 75, EX_TEMPFAIL) is busy, not failed."""
     import dqn_atari.sweep as sweep
 
     spec, busy = tiny_specs(tmp_path, games=("CartPole",), seeds=(1, 2))
@@ -297,10 +301,16 @@ def test_a_stopping_sweep_starts_nothing_and_a_busy_run_is_shown_busy(tmp_path):
     finally:
         sweep._STOPPING.clear()
     assert (spec.path / LOG_NAME).read_text() == "" and not (spec.path / "config.yaml").exists()
+    import fcntl
+
+    from dqn_atari.train import TRAIN_LOCK
+
     busy.path.mkdir(parents=True)
-    (busy.path / STATUS_NAME).write_text(json.dumps({"state": "exited", "returncode": EXIT_BUSY, "interrupted": False,
-                                                     "host": socket.gethostname(), "attempt": 1}))
-    assert run_status(busy)["state"] == "busy"
+    with open(busy.path / TRAIN_LOCK, "w") as held:  # as a `make reproduce` of the same run holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = run_one(busy)
+    assert result["state"] == "busy" and result["returncode"] == EXIT_BUSY, result
+    assert run_status(busy)["state"] == "busy" and not (busy.path / "train.csv").exists()
 
 
 # ---------------------------------------------------------------------------------------------------- ray

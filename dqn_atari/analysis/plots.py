@@ -237,6 +237,8 @@ def plot_rainbow_ablations(records: list[RunRecord], reference: Reference, out_d
             label += f" ({setting.protocol.name})"
         if len(budgets) > 1:
             label += f" [{fmt_frames(setting.frames_budget)} frames]"
+        if setting.distinction:
+            label += f" ({setting.distinction})"
         x = grid / 1e6
         if setting.variant == ABLATION_BASE:
             _rainbow_line(ax, x, median, label)

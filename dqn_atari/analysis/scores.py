@@ -29,10 +29,11 @@ SCORE_KINDS = {"final": "final eval", "best": "best eval (max over evals)"}
 
 
 # Config keys that differ between the runs of one setting (seed, game), are the budget (a Setting field of its own)
-# or only say how often a run writes checkpoints and logs. Every other key of the run's identity
-# (config.run_identity) is a hyperparameter: runs that differ in one are never averaged together.
+# or only say how often a run writes checkpoints and logs, or where the replay keeps its frames (the batches are
+# the same). Every other key of the run's identity (config.run_identity) is a hyperparameter: runs that differ in
+# one are never averaged together.
 NOT_HYPERPARAMETERS = ("variant", "seed", "env.game", "train.frames", "train.checkpoint_period_steps",
-                       "train.log_period_steps")
+                       "train.log_period_steps", "replay.on_device")
 
 
 @dataclass(frozen=True)
