@@ -84,8 +84,8 @@ def _records(game: str, runs_root: Path, seeds: Sequence[int] | None) -> dict[st
         if len({r.setting for r in group}) > 1:
             runs = "; ".join(f"seed {r.seed}: {r.setting.label()}" for r in sorted(group, key=lambda r: r.seed))
             raise ValueError(f"the {variant} runs of {game} under {runs_root} differ in protocol, frame budget or "
-                             f"hyperparameters ({runs}), so they cannot be averaged into one line; keep one setting's runs there "
-                             f"(move the others to another runs root)")
+                             f"hyperparameters ({runs}), so they cannot be averaged into one line; keep one "
+                             f"setting's runs there (move the others to another runs root)")
         if group:
             groups[variant] = sorted(group, key=lambda r: r.seed)
     return groups
