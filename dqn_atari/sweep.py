@@ -486,11 +486,16 @@ def run_one(spec: RunSpec | dict) -> dict[str, Any]:
 def _finished(spec: RunSpec, result: dict[str, Any]) -> dict[str, Any]:
     """A DONE run is skipped if it is this spec's config; one of another config (another FRAMES= or ARGS=) has
     failed this sweep, which must not report its results as its own."""
-    try:
-        other = finished_with_other_config(spec)
-    except ValueError as exc:
-        other = str(exc)
+    other = _other_config_error(spec)
     return {**result, "state": "failed", "error": other} if other else result
+
+
+def _other_config_error(spec: RunSpec) -> str:
+    """finished_with_other_config, with a config that cannot be read here reported as the error."""
+    try:
+        return finished_with_other_config(spec)
+    except ValueError as exc:
+        return str(exc)
 
 
 def finished_with_other_config(spec: RunSpec) -> str:
@@ -1089,8 +1094,7 @@ def _sweep(args: argparse.Namespace, argv: list[str]) -> int:
     todo = [s for s in specs if not (s.path / DONE_NAME).is_file()]
     print(f"Sweep {name}: {len(specs)} runs, {len(specs) - len(todo)} already done, {len(todo)} to run. "
           f"Run list: {path}")
-    others = {s.name: _finished(s, {}).get("error") for s in specs if s not in todo}
-    others = {run: why for run, why in others.items() if why}
+    others = {s.name: why for s in specs if s not in todo and (why := _other_config_error(s))}
     if others:
         for run, why in others.items():
             print(f"  {run}: {why}", file=sys.stderr)
