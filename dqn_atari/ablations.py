@@ -31,6 +31,7 @@ from dqn_atari.analysis.tables import fmt_value
 from dqn_atari.analysis.variants import ABLATION_BASE, ABLATION_BASELINE, variant_ref
 from dqn_atari.checkpoint import CheckpointError
 from dqn_atari.config import ConfigError, find_variant_config, parse_frames
+from dqn_atari.rundir import atomic_savefig, atomic_write_text
 
 # Fig. 3's legend order; each is configs/ablations/<name>.yaml, i.e. Rainbow with one switch off.
 ABLATIONS = (
@@ -117,8 +118,7 @@ def plot_game_ablations(groups: dict[str, list[RunRecord]], game: str, path: Pat
     ax.set(xlabel="frames (millions)", ylabel="evaluation score (mean over seeds)",
            title=f"{game}: Rainbow ablations (Hessel et al. 2018, Fig. 3 layout)")
     legend_below(fig, ax)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    atomic_savefig(path, fig, dpi=120)
     return path
 
 
@@ -173,7 +173,7 @@ def write_ablation_report(game: str, runs_root: str | Path, seeds: Sequence[int]
         lines += ["", f"No finished run yet for: {', '.join(missing)}."]
     lines += ["", f"![ablations]({png.name})", ""]
     md = out_dir / f"{display}.md"
-    md.write_text("\n".join(lines))
+    atomic_write_text(md, "\n".join(lines))
     return md, png
 
 

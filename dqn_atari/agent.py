@@ -108,6 +108,9 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name} was asked for but torch sees no CUDA GPU; use device=cpu or device=auto.")
     if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device={name}: torch sees {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}.")
         torch.backends.cudnn.allow_tf32 = False
     return device
 

@@ -53,7 +53,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as serialize_safetensors
 
 from dqn_atari.config import ConfigError
-from dqn_atari.rundir import fsync_dir
+from dqn_atari.rundir import atomic_write_text, fsync_dir
 
 FORMAT_VERSION = 1
 TENSORS = "tensors.safetensors"
@@ -90,15 +90,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary name, fsync, rename over ``path``: readers see the old or the new file, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    _write_bytes(tmp, text.encode())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def _link_tree(src: Path, dst: Path) -> None:
@@ -318,8 +309,11 @@ def inspect_checkpoints(ckpt_root: Path, deep: bool = True) -> list[tuple[Path, 
 
 
 # What a damaged or foreign generation can raise while being parsed and restored. A config mismatch
-# (ConfigError) is not among them: it is the user's to resolve, so it propagates.
-_UNUSABLE = (CheckpointError, SafetensorError, ValueError, KeyError, TypeError, IndexError, OSError, RuntimeError)
+# (ConfigError) is not among them: it is the user's to resolve, so it propagates. Nor are errors of the machine
+# rather than the files (out of memory, an I/O error, too many open files): trying an older generation then
+# would throw the newer, intact one away at the next save.
+_UNUSABLE = (CheckpointError, SafetensorError, ValueError, KeyError, TypeError, IndexError, FileNotFoundError,
+             RuntimeError)
 
 
 def load_checkpoint(ckpt_root: Path, restore: Callable[[dict[str, torch.Tensor], dict, Path], None]) -> Path | None:
@@ -342,7 +336,7 @@ def load_checkpoint(ckpt_root: Path, restore: Callable[[dict[str, torch.Tensor],
             if REPLAY_MANIFEST in manifest["files"]:
                 _read_verified(gen, REPLAY_MANIFEST, manifest)  # pins the chunk CRCs the replay then checks
             restore(tensors, state, gen)
-        except ConfigError:
+        except (ConfigError, torch.OutOfMemoryError):
             raise
         except _UNUSABLE as exc:
             problems.append(f"{gen.name}: {exc}")

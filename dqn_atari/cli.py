@@ -91,8 +91,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             what = "an integer" if kind is int else "a number"
             raise ConfigError(f"evaluate: {key}={options[key]!r} is not {what}.") from None
 
-    evaluate_run(Path(args.run_dir), episodes=number("episodes", int) or None, video=options.get("video"),
-                 epsilon=number("epsilon", float), seed=number("seed", int, 0))
+    episodes, epsilon, seed = number("episodes", int), number("epsilon", float), number("seed", int, 0)
+    if episodes is not None and episodes < 1:
+        raise ConfigError(f"evaluate: episodes must be >= 1, got {episodes}.")
+    if seed < 0:
+        raise ConfigError(f"evaluate: seed must be >= 0, got {seed}.")
+    evaluate_run(Path(args.run_dir), episodes=episodes, video=options.get("video"), epsilon=epsilon, seed=seed)
     return 0
 
 
@@ -155,7 +159,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train, parser=p)
 
     p = sub.add_parser("evaluate", help="evaluate a trained run under its protocol; optionally record a video",
-                       description="python -m dqn_atari evaluate RUN_DIR [episodes=N] [epsilon=E] [video=PATH.mp4]")
+                       description="python -m dqn_atari evaluate RUN_DIR [episodes=N] [epsilon=E] [seed=S] [video=PATH.mp4]")
     p.add_argument("run_dir")
     p.add_argument("options", nargs="*", default=[], help="episodes=N, epsilon=E, seed=S, video=PATH.mp4 (colour, first episode)")
     p.set_defaults(func=cmd_evaluate, parser=p)
@@ -180,6 +184,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from dqn_atari.checkpoint import CheckpointError
+    import torch
+
     from dqn_atari.train import RunBusy, TrainingDiverged
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -206,6 +212,14 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, RunBusy):
             return exc.exit_status
         return 2 if isinstance(exc, (ConfigError, ValueError, FileNotFoundError)) else 1
+    except RuntimeError as exc:
+        # torch's allocators raise RuntimeErrors (torch.OutOfMemoryError on CUDA), not MemoryError.
+        if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+            raise
+        print(f"error: out of memory ({str(exc).splitlines()[0]}). Lower train.batch_size or the network's size, "
+              f"train fewer runs in one process, or free some memory; the last complete checkpoint is kept, so "
+              f"re-running the same command resumes from it.", file=sys.stderr)
+        return 1
     except OSError as exc:
         import errno
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -51,6 +52,9 @@ class EnvConfig:
 
     def __post_init__(self) -> None:
         _check(self.num_envs >= 1, f"env.num_envs must be >= 1, got {self.num_envs}.")
+        reserved = sorted(set(self.overrides) & {"game", "protocol", "num_envs", "seed", "training", "backend"})
+        _check(not reserved, f"env.overrides cannot set {', '.join(reserved)}: use the config keys env.game, "
+                             f"env.protocol, env.num_envs and seed (the run sets training and backend itself).")
 
 
 @dataclass(frozen=True)
@@ -273,6 +277,10 @@ class Config:
         _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device) is not None,
                f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}.")
         _check(self.torch_threads >= 0, f"torch_threads must be >= 0 (0: torch's default), got {self.torch_threads}.")
+        _check(re.fullmatch(r"[\w.+-]+", self.variant) is not None,
+               f"variant names the run's folder: letters, digits and . _ + - only, got {self.variant!r}.")
+        _check(self.runs_root != "", "runs_root must name a folder, got an empty string.")
+        _check(0 <= self.seed < 2**63, f"seed must be in [0, 2**63), got {self.seed}.")
         if self.cuda_graph:
             _check(not self.compile, "cuda_graph=true and compile=true do not go together: choose one.")
             # Noisy nets switch their noise off to evaluate (a Python branch a graph would freeze), and IQN draws
@@ -359,12 +367,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{key} must be a number, got {value!r}.")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key} must be a number, got {value!r}.") from None
+        if math.isinf(number):  # NaN is left to each field's range check, which names the range
+            raise ConfigError(f"{key} must be a finite number, got {value!r}.")
+        return number
     if tp is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key} must be a string, got {value!r}.")
+        # YAML reads a blank value as null and on/off/yes/no as booleans: "None" or "True" is never meant.
+        if value is None or isinstance(value, (bool, dict, list)):
+            raise ConfigError(f"{key} must be a string, got {'nothing' if value is None else repr(value)}"
+                              f"{' (quote it)' if isinstance(value, bool) else ''}.")
         return str(value)
     if tp is tuple or origin is tuple:
         if isinstance(value, (list, tuple)):
@@ -389,7 +402,7 @@ def _build(cls: type, data: dict, where: str, prefix: str = "") -> Any:
             raise _unknown_key(prefix + key, _all_keys(), where)
         tp = types_[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, where, prefix + key + ".")
+            kwargs[key] = _build(tp, {} if value is None else value, where, prefix + key + ".")
         else:
             kwargs[key] = _coerce(value, tp, prefix + key)
     return cls(**kwargs)
@@ -494,9 +507,9 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     if path.is_dir():
         raise ConfigError(f"{str(path)!r} is a directory; give a YAML config file, e.g. configs/nature_dqn.yaml.")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"Config file {str(path)!r} is not valid YAML: {exc}") from None
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"Config file {str(path)!r} is not valid UTF-8 YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"Config file {str(path)!r} must hold a mapping of sections (env:, agent:, ...).")
     if "base" not in data:

@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -108,13 +108,13 @@ class RunDir:
         if not isinstance(config, Mapping):
             raise ValueError(f"config must be a mapping (e.g. dataclasses.asdict(cfg)), got {type(config).__name__}")
         text = yaml.safe_dump(_plain(config, "config"), sort_keys=False, default_flow_style=False)
-        _atomic_write(self.path / self.CONFIG, text)
+        atomic_write_text(self.path / self.CONFIG, text)
 
     def write_protocol(self, protocol: Mapping[str, Any]) -> None:
         """Write the evaluation protocol as JSON (atomic); keys as in :data:`PROTOCOL_JSON_FIELDS`."""
         if not isinstance(protocol, Mapping) or not protocol.get("name"):
             raise ValueError(f"protocol must be a mapping with at least a 'name'; fields read: {PROTOCOL_JSON_FIELDS}")
-        _atomic_write(self.path / self.PROTOCOL, json.dumps(_plain(protocol, "protocol"), indent=2) + "\n")
+        atomic_write_text(self.path / self.PROTOCOL, json.dumps(_plain(protocol, "protocol"), indent=2) + "\n")
 
     def append_train(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Append finished training episodes to train.csv (header written when the file is created)."""
@@ -153,14 +153,18 @@ class RunDir:
             header, lines = _read_lines(path)
             if header is None:
                 continue
-            step_col = header.index("agent_step")
-            kept = [line for line in lines if float(next(csv.reader([line]))[step_col]) <= agent_step]
-            _atomic_write(path, "".join(line + "\n" for line in [",".join(header), *kept]))
+            try:
+                step_col = header.index("agent_step")
+                kept = [line for line in lines if float(next(csv.reader([line]))[step_col]) <= agent_step]
+            except (ValueError, IndexError) as err:
+                raise RunDirError(f"{path} is damaged ({err}), so the run cannot resume; nothing was changed. Repair "
+                                  f"the line (each row starts with its agent_step) and re-run.") from None
+            atomic_write_text(path, "".join(line + "\n" for line in [",".join(header), *kept]))
 
     def mark_done(self, summary: Mapping[str, Any] | None = None) -> None:
         """Write the DONE marker (empty, or JSON holding ``summary``); write it last."""
         text = "" if summary is None else json.dumps(_plain(summary, "summary"), indent=2) + "\n"
-        _atomic_write(self.path / self.DONE, text)
+        atomic_write_text(self.path / self.DONE, text)
 
     # ------------------------------------------------------------------ reading
 
@@ -273,20 +277,34 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file next to ``path``, fsync, rename over ``path``, fsync the directory."""
+def replace_atomically(path: str | Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` a temp file next to ``path`` (same suffix, for writers that go by it), fsync it, rename it
+    over ``path``, fsync the directory: readers, and a full disk, leave the old file or the new one, never half."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
-        with open(tmp, "w", newline="") as f:
-            f.write(text)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    replace_atomically(path, lambda tmp: tmp.write_text(text, newline=""))
+
+
+def atomic_write_csv(path: str | Path, df: pd.DataFrame) -> None:
+    replace_atomically(path, lambda tmp: df.to_csv(tmp, index=False))
+
+
+def atomic_savefig(path: str | Path, fig: Any, **kwargs: Any) -> None:
+    """A matplotlib figure saved as :func:`replace_atomically` says (the format follows ``path``'s suffix)."""
+    replace_atomically(path, lambda tmp: fig.savefig(tmp, **kwargs))
 
 
 def _format_cell(value: Any, column: str) -> str:
@@ -361,6 +379,9 @@ def _read_csv(path: Path, columns: tuple[str, ...], text_columns: tuple[str, ...
     missing = [c for c in columns if c not in header]
     if missing:
         raise RunDirError(f"{path} lacks columns {missing} (header: {header})")
+    for number, fields in enumerate(csv.reader(lines), start=2):
+        if len(fields) != len(header):
+            raise RunDirError(f"{path} is corrupt: line {number} has {len(fields)} fields, the header {len(header)}")
     text = "\n".join([",".join(header), *lines]) + "\n"
     try:
         df = pd.read_csv(io.StringIO(text), dtype={c: str for c in text_columns}, keep_default_na=False,

@@ -35,7 +35,7 @@ from dqn_atari.config import (Config, ConfigError, comparable, config_mismatch, 
                               identity_differences, recorded_identity)
 from dqn_atari.envs import env_display_name, is_control_task, make_env
 from dqn_atari.progress import progress_bar
-from dqn_atari.replay import HindsightReplayBuffer, PrioritizedReplayBuffer, ReplayBuffer
+from dqn_atari.replay import HindsightReplayBuffer, PrioritizedReplayBuffer, ReplayBuffer, ReplayCorruptError
 from dqn_atari.rundir import RunDir
 
 
@@ -346,6 +346,18 @@ class Trainer:
         diffs = identity_differences(recorded_identity(state.get("config", {})), self.cfg.run_identity())
         if diffs and not self.cfg.force:
             raise ConfigError(config_mismatch(diffs, gen))
+        try:
+            self._load_state(tensors, state, gen)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            if not diffs or isinstance(exc, (torch.OutOfMemoryError, ReplayCorruptError)):
+                raise  # a damaged or foreign checkpoint: load_checkpoint tries the one before
+            # Intact, but force=true changed a setting its network or replay was built for: not damage.
+            raise ConfigError(f"force=true cannot resume {gen} with {'; '.join(diffs[:8])}: {exc}. The network and "
+                              f"replay saved there were built for the recorded values; resume with those, or start "
+                              f"a new run (another seed, variant name or runs_root).") from None
+
+    def _load_state(self, tensors: dict[str, torch.Tensor], state: dict, gen: Path) -> None:
+        a = self.agent
         a.online.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("online.")})
         a.target.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("target.")})
         opt_state: dict[int, dict] = {}
@@ -376,7 +388,8 @@ class Trainer:
             if diffs and not self.cfg.force:
                 raise ConfigError(config_mismatch(diffs, run.path / "config.yaml", run.is_done))
         if run.is_done:
-            print(f"{run.path} is DONE; nothing to do (delete its DONE file to train again).")
+            print(f"{run.path} is DONE; nothing to do (to train it again, move the run directory aside: its "
+                  f"checkpoints were removed when it finished).")
             return False
         gen = self.last_checkpoint = ckpt.load_checkpoint(self.ckpt_root, self._restore)
         if gen is None:

@@ -320,7 +320,6 @@ def main() -> None:
                 "median ratio to the plain loop; "
                 "k runs: aggregate over the k runs of one process. Ratios are within this one command; "
                 "absolute numbers depend on the machine and its load.",
-        "command": "python scripts/bench_train.py " + " ".join(sys.argv[1:]),
     }
     print(f"ratios: one run / env alone = {result['ratio_one_run_to_env_alone']:.3f}, "
           f"one run / plain loop = {result['ratio_one_run_to_plain_loop']:.2f}, "

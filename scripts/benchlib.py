@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
+import sys
 from importlib.metadata import version
 from pathlib import Path
 
@@ -34,7 +36,9 @@ def machine_info(packages: tuple[str, ...] = ("ale-py", "gymnasium", "numpy", "t
 
 
 def finish(result: dict, out: str | Path) -> None:
-    """Write the result to ``out`` and print it as the script's last line (one line of JSON)."""
+    """Write the result, with the command that produced it, to ``out`` and print it as the script's last line (one
+    line of JSON)."""
+    result = {**result, "command": shlex.join(["python", f"scripts/{Path(sys.argv[0]).name}", *sys.argv[1:]])}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

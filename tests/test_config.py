@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,15 @@ def test_unknown_keys_name_the_closest_valid_key(override, fragment):
         load_config(None, [override])
 
 
+def test_a_blank_section_takes_the_defaults_but_a_section_of_another_type_is_an_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("agent:\n")
+    assert load_config(path).agent == load_config(None).agent
+    path.write_text("agent: []\n")
+    with pytest.raises(ConfigError, match="agent in .* must be a mapping"):
+        load_config(path)
+
+
 def test_unknown_key_in_yaml_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("agent:\n  discont: 0.9\n")
@@ -59,9 +69,16 @@ def test_unknown_key_in_yaml_file(tmp_path):
     ("device=tpu", "device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
     ("torch_threads=-1", "torch_threads must be >= 0"),
     ("mlp_hidden=[0]", "network.mlp_hidden must be a non-empty list of positive sizes"),
+    ("runs_root=~", "runs_root must be a string, got nothing"),  # YAML null: not the folder "None"
+    ("env.game=on", "env.game must be a string, got True (quote it)"),  # YAML 1.1 boolean
+    ("agent.rms_eps=.inf", "agent.rms_eps must be a finite number"),  # would silently stop all learning
+    ("variant=a/b", "variant names the run's folder"),
+    ("seed=1e30", "seed must be in [0, 2**63)"),
+    ("seed=-1", "seed must be in [0, 2**63)"),
+    ("env.overrides.seed=3", "env.overrides cannot set seed: use the config keys"),
 ])
 def test_bad_values_are_clear_errors(override, fragment):
-    with pytest.raises(ConfigError, match=fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
         load_config(None, [override])
 
 

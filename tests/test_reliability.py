@@ -315,6 +315,8 @@ BAD_INPUT = [
     ("missing config file", ["configs/no_such_variant.yaml"], 2, ["does not exist", "nature_dqn"]),
     ("replay too big for memory", [NATURE, "env.game=Pong", "replay.capacity=100000000"], 1,
      ["replay memory needs", "Lower replay.capacity"]),
+    ("network too big for memory", [NATURE, "network.hidden=100000000000"], 1, ["out of memory", "network's size"]),
+    ("YAML boolean for a name", [NATURE, "env.game=on"], 2, ["env.game must be a string, got True (quote it)"]),
 ]
 
 
@@ -366,6 +368,17 @@ def test_resuming_with_a_different_config_is_refused_unless_forced(run_copy, cap
     assert snapshot(run_copy) == before
     assert main(cartpole_argv(run_copy, "train.epsilon_end=0.2", "force=true")) == 0
     assert (run_path(run_copy) / "DONE").exists()
+
+
+@pytest.mark.parametrize("change", ["network.mlp_hidden=[64,64]", "replay.capacity=40000"])
+def test_force_cannot_resume_with_a_setting_the_saved_network_or_replay_was_built_for(run_copy, capsys, change):
+    """An intact checkpoint that force=true cannot load (another network shape, another replay size) is a config
+    error naming the change, not damage: no older generation is tried, and nothing is deleted or rewritten."""
+    before = snapshot(run_copy)
+    assert main(cartpole_argv(run_copy, change, "force=true")) == 2
+    err = capsys.readouterr().err
+    assert "force=true cannot resume" in err and change.split("=")[0] in err and "damaged" not in err, err
+    assert snapshot(run_copy) == before
 
 
 def test_a_run_recorded_before_a_config_field_existed_resumes(run_copy):

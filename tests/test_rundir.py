@@ -147,6 +147,24 @@ def test_truncate_after_drops_later_rows_atomically(tmp_path):
     assert run.eval["agent_step"].tolist() == [10]
 
 
+@pytest.mark.parametrize("line, reading, resuming", [
+    ("300,1200\n", "line 4 has 2 fields", None),  # a short row is not read as a row of NaNs
+    ("abc,1200,3,5.0,100,0.5,1.25\n", "is corrupt", "could not convert string to float: 'abc'"),
+])
+def test_a_damaged_row_is_an_error_naming_the_file_and_resuming_changes_nothing(tmp_path, line, reading, resuming):
+    run = RunDir(tmp_path / "run")
+    run.append_train([train_row(100), train_row(200)])
+    with open(run.path / "train.csv", "a") as f:
+        f.write(line)
+    before = (run.path / "train.csv").read_bytes()
+    with pytest.raises(RunDirError, match=reading):
+        run.train
+    if resuming:
+        with pytest.raises(RunDirError, match=f"train.csv is damaged .*{resuming}.*nothing was changed"):
+            run.truncate_after(150)
+    assert (run.path / "train.csv").read_bytes() == before
+
+
 def test_partial_last_line_from_a_crash_is_ignored_then_repaired(tmp_path):
     run = RunDir(tmp_path / "run")
     run.append_train([train_row(100), train_row(200)])
@@ -180,6 +198,29 @@ def test_failed_atomic_write_keeps_the_old_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert run.config["seed"] == 3
     assert sorted(os.listdir(run.path)) == ["config.yaml"]
+
+
+def test_a_report_whose_rewrite_fails_halfway_keeps_the_old_one(tmp_path):
+    """Reports, tables and figures are rewritten through replace_atomically: a full disk halfway through a
+    rewrite leaves the previous file whole, and no temporary file behind."""
+    import errno
+
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure()
+    png = tmp_path / "reports" / "Pong.png"
+    rundir_mod.atomic_savefig(png, fig, dpi=50)
+    old = png.read_bytes()
+    assert old.startswith(b"\x89PNG")
+
+    def half_then_full(tmp):
+        tmp.write_bytes(old[: len(old) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        rundir_mod.replace_atomically(png, half_then_full)
+    plt.close(fig)
+    assert png.read_bytes() == old and os.listdir(png.parent) == ["Pong.png"]
 
 
 def test_find_runs_skips_and_names_unreadable_dirs(tmp_path):

@@ -37,6 +37,7 @@ from dqn_atari.analysis.scores import (
 )
 from dqn_atari.analysis.stats import METRICS, Strata, bootstrap, performance_profile, t_interval
 from dqn_atari.analysis.variants import ABLATION_BASE, ABLATION_BASELINE, VARIANTS, variant_ref
+from dqn_atari.rundir import atomic_savefig
 
 DEFAULT_FIGURES_DIR = Path("results/figures")
 DOPAMINE_LABEL = "sticky actions, training returns, +-1 s.d."
@@ -53,8 +54,8 @@ def new_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.0,
 def save(fig: Figure, out_dir: Path, name: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
-    fig.savefig(paths[0], dpi=120)
-    fig.savefig(paths[1])
+    atomic_savefig(paths[0], fig, dpi=120)
+    atomic_savefig(paths[1], fig)
     return paths
 
 
@@ -309,8 +310,7 @@ def plot_game_report(records: list[RunRecord], reference: Reference, path: Path)
     ax.set(xlabel="frames (millions)", ylabel="score (episode mean)",
            title=f"{records[0].game}: {records[0].variant}{progress} (thin: seeds; bold: mean)")
     legend_below(fig, ax)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    atomic_savefig(path, fig, dpi=120)
     return path
 
 

@@ -12,7 +12,7 @@ from dqn_atari.analysis.reference import DEFAULT_REFERENCE_ROOT, load_reference
 from dqn_atari.analysis.scores import DEFAULT_RUNS_ROOT, load_runs, run_table, settings_in
 from dqn_atari.analysis.tables import fmt_value
 from dqn_atari.analysis.variants import variant_ref
-from dqn_atari.rundir import RunDir
+from dqn_atari.rundir import RunDir, atomic_write_text
 
 DEFAULT_REPORTS_DIR = Path("results/reports")
 
@@ -120,7 +120,6 @@ def write_game_report(
         lines += ["", f"No Dopamine curve is mapped for variant '{variant}'."]
     lines += ["", f"![learning curve]({png_path.name})", ""]
 
-    md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text("\n".join(lines))
+    atomic_write_text(md_path, "\n".join(lines))
     plot_game_report(records, reference, png_path)
     return md_path, png_path

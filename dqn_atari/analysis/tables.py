@@ -34,6 +34,7 @@ from dqn_atari.analysis.scores import (
 )
 from dqn_atari.analysis.stats import aggregate
 from dqn_atari.analysis.variants import variant_ref
+from dqn_atari.rundir import atomic_write_csv, atomic_write_text
 
 DEFAULT_TABLES_DIR = Path("results/tables")
 FORMATS = ("md", "tex", "csv")
@@ -119,9 +120,9 @@ def write_table(df: pd.DataFrame, out_dir: Path, name: str, title: str, notes: S
     """Write ``name.md``, ``name.tex`` and ``name.csv`` (CSV headers join the header lines with ' | ')."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}.{ext}" for ext in FORMATS]
-    paths[0].write_text(render_markdown(df, title, notes))
-    paths[1].write_text(render_latex(df, title, notes))
-    df.rename(columns=lambda c: str(c).replace("\n", " | ")).to_csv(paths[2], index=False)
+    atomic_write_text(paths[0], render_markdown(df, title, notes))
+    atomic_write_text(paths[1], render_latex(df, title, notes))
+    atomic_write_csv(paths[2], df.rename(columns=lambda c: str(c).replace("\n", " | ")))
     return paths
 
 
@@ -278,7 +279,7 @@ def write_tables(
     summary = summarize(runs)
     settings = settings_in(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs.assign(setting=runs["setting"].map(Setting.label)).to_csv(out_dir / "runs.csv", index=False)
+    atomic_write_csv(out_dir / "runs.csv", runs.assign(setting=runs["setting"].map(Setting.label)))
     paths = [out_dir / "runs.csv"]
     paths += write_table(per_game_table(summary, settings), out_dir, "per_game",
                          "Per-game scores of our runs (raw game score, mean +- s.d. over seeds)", [KIND_NOTE])
