@@ -10,6 +10,8 @@ Layout (``results/runs/<variant>/<game>/seed<k>/``):
 - ``eval.csv``      one row per evaluation, columns :data:`EVAL_COLUMNS`; ``scores`` holds every
                     evaluation episode's raw score, space separated.
 - ``DONE``          written last: empty, or JSON with a final summary.
+- ``config_changes.yaml``  only after a resume with ``force=true`` and another config: for each, the agent step
+                    it went on from and what changed (``config.yaml`` holds the newest config).
 
 Whole files (config, protocol, DONE, truncated CSVs) are written atomically (temp file + rename), so a
 crash leaves either the old or the new file, never half of one. CSVs are appended to and flushed per
@@ -78,6 +80,7 @@ class RunDir:
     TRAIN = "train.csv"
     EVAL = "eval.csv"
     DONE = "DONE"
+    CONFIG_CHANGES = "config_changes.yaml"
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -115,6 +118,13 @@ class RunDir:
         if not isinstance(protocol, Mapping) or not protocol.get("name"):
             raise ValueError(f"protocol must be a mapping with at least a 'name'; fields read: {PROTOCOL_JSON_FIELDS}")
         atomic_write_text(self.path / self.PROTOCOL, json.dumps(_plain(protocol, "protocol"), indent=2) + "\n")
+
+    def record_config_change(self, agent_step: int, changes: Iterable[str]) -> None:
+        """Note in config_changes.yaml that the run went on from ``agent_step`` with another config (force=true):
+        config.yaml then holds the new config, and this file what the steps before had (atomic rewrite)."""
+        entry = {"agent_step": int(agent_step), "changes": list(changes)}
+        text = yaml.safe_dump([*self.config_changes, entry], sort_keys=False, default_flow_style=False)
+        atomic_write_text(self.path / self.CONFIG_CHANGES, text)
 
     def append_train(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Append finished training episodes to train.csv (header written when the file is created)."""
@@ -189,6 +199,20 @@ class RunDir:
         if not path.is_file():
             raise RunDirError(f"{path} is missing: the run never started, or this is not a run directory")
         return _read_mapping(path, yaml.safe_load, yaml.YAMLError, "valid YAML", "a mapping")
+
+    @property
+    def config_changes(self) -> list[dict[str, Any]]:
+        """config_changes.yaml: [{agent_step, changes}] for each forced resume ([] when there was none)."""
+        path = self.path / self.CONFIG_CHANGES
+        if not path.is_file():
+            return []
+        try:
+            changes = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise RunDirError(f"{path} is not valid YAML: {err}") from err
+        if not isinstance(changes, list):
+            raise RunDirError(f"{path} should hold a list, found {type(changes).__name__}")
+        return changes
 
     @property
     def protocol(self) -> dict[str, Any]:

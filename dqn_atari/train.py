@@ -383,6 +383,7 @@ class Trainer:
         """Create or resume the run directory. Returns False when the run is already DONE (with this config)."""
         run = self.run
         self.lock()
+        diffs = []
         if run.exists and (run.path / "config.yaml").exists():
             diffs = identity_differences(recorded_identity(run.config), self.cfg.run_identity())
             if diffs and not self.cfg.force:
@@ -399,6 +400,10 @@ class Trainer:
         else:
             print(f"Resuming {run.path} from {gen.name} (agent step {self.counters.agent_step:,}).")
             run.truncate_after(self.counters.agent_step)
+        if diffs:  # force=true: the steps before ran with the recorded config, which config.yaml is about to lose
+            run.record_config_change(self.counters.agent_step, diffs)
+            print(f"force=true: {run.path} goes on from agent step {self.counters.agent_step:,} with "
+                  f"{'; '.join(diffs)} (recorded in {run.CONFIG_CHANGES}).")
         run.write_config(self.cfg.to_dict())
         run.write_protocol(self.protocol_record())
         from torch.utils.tensorboard import SummaryWriter

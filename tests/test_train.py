@@ -145,7 +145,14 @@ def test_resuming_with_a_different_config_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="agent.lr"):
         Trainer(changed, progress=False).train()
     forced = cartpole_config(tmp_path, "train.frames=1500", "agent.lr=0.01", "force=true")
-    assert Trainer(forced, progress=False).train().is_done
+    run = Trainer(forced, progress=False).train()
+    assert run.is_done and run.config["agent"]["lr"] == 0.01
+    # config.yaml now holds the new config; what the first 300 steps ran with is kept, and the report says it.
+    assert run.config_changes == [{"agent_step": 300, "changes": ["agent.lr: recorded 0.001, now 0.01"]}]
+    from dqn_atari.analysis.report import write_game_report
+
+    md, _png = write_game_report("nature_dqn", "CartPole", tmp_path, out_dir=tmp_path / "reports")
+    assert "seed 1, from agent step 300: agent.lr: recorded 0.001, now 0.01" in md.read_text()
     # A finished run is not passed off as another config's (e.g. a longer budget): a clear error, not "DONE".
     longer = cartpole_config(tmp_path, "train.frames=3000", "agent.lr=0.01")
     with pytest.raises(ConfigError, match="finished run of a different config.*train.frames: recorded 1500, now 3000"):

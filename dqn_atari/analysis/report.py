@@ -92,6 +92,12 @@ def write_game_report(
             lines.append(f"- final / best human-normalized score: {100 * sub['final_hns'].mean():.1f} % / "
                          f"{100 * sub['best_hns'].mean():.1f} % (standard table, mean over seeds)")
         lines.append("")
+    forced = [(r.seed, change) for r in records for change in RunDir(r.path).config_changes]
+    if forced:
+        lines += ["**Resumed with another config (force=true).** The settings above are each run's newest; the steps "
+                  "before each change ran with the recorded values:", ""]
+        lines += [f"- seed {seed}, from agent step {change.get('agent_step', 0):,}: {'; '.join(change.get('changes', []))}"
+                  for seed, change in forced] + [""]
 
     lines += ["## Published scores", ""]
     paper = reference.paper_rows(ref.paper_algorithms, game)
