@@ -103,9 +103,14 @@ def test_every_field_is_documented():
 
 
 def test_config_is_frozen_and_round_trips():
+    import dataclasses
+
     cfg = load_config(CONFIGS / "nature_dqn.yaml", ["seed=3"])
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.seed = 4  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.agent.lr = 1.0  # type: ignore[misc]
+    assert cfg.seed == 3 and cfg.agent.lr == 0.00025
     from dqn_atari.config import config_from_dict
 
     assert config_from_dict(cfg.to_dict()) == cfg

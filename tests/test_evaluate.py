@@ -56,7 +56,7 @@ def test_damaged_or_foreign_final_weights_are_clear_errors(tmp_path):
     model.write_bytes((other.path / "model.safetensors").read_bytes())
     with pytest.raises(ConfigError, match="does not hold the weights"):
         load_run_agent(run.path)
-    assert (other.path / "model.safetensors").exists()  # nothing of the other run was touched
+    assert model.read_bytes() == (other.path / "model.safetensors").read_bytes()  # refused, left as it was
 
 
 def cartpole_config(*overrides: str):

@@ -299,6 +299,7 @@ def test_adam_fits_a_fixed_batch(head, dueling, noisy):
     torch.manual_seed(0)
     online = build_network(OBS, 3, torso="mlp", mlp_hidden=(64, 64), head=head, dueling=dueling, noisy=noisy,
                            num_quantiles=16)
+    assert noisy == any(isinstance(m, NoisyLinear) for m in online.modules())  # Rainbow's row fits noisy layers
     target = copy.deepcopy(online)
     g = torch.Generator().manual_seed(1)
     n = 32
@@ -331,9 +332,3 @@ def _c51_target_entropy(online, target, batch) -> float:
     p_t = target(batch.obs_t).dist[torch.arange(len(a_t)), a_t].softmax(-1)
     m = categorical_projection(p_t, batch.reward_t, batch.discount_t, target.support)
     return float(-(m * m.clamp_min(1e-12).log()).sum(-1).mean())
-
-
-def test_noisy_layers_are_present_in_rainbow_fit():
-    # Guard for the parametrised fit above: the Rainbow case does exercise noisy layers.
-    net = build_network(OBS, 3, torso="mlp", head="c51", dueling=True, noisy=True)
-    assert any(isinstance(m, NoisyLinear) for m in net.modules())

@@ -166,12 +166,16 @@ def test_local_pool_is_limited_by_memory_and_says_why():
 
 def test_csv_tail_reads_the_last_complete_rows_of_a_long_file(tmp_path):
     path = tmp_path / "train.csv"
-    rows = "".join(f"{i},{4 * i},{i / 10}\n" for i in range(1, 20001))
-    path.write_text("agent_step,frames,wall_time\n" + rows + "20001,80004,2000.")  # a crash left half a line
+    # One row per second of wall time: 20 frames/s, then 40 frames/s over the last 1,000 s.
+    frames = [20 * i if i <= 19_000 else 380_000 + 40 * (i - 19_000) for i in range(20_001)]
+    rows = "".join(f"{i},{frames[i]},{float(i)}\n" for i in range(1, 20_001))
+    path.write_text("agent_step,frames,wall_time\n" + rows + "20001,420040,2000")  # a crash left half a line
     tail = _csv_tail(path)
-    assert tail[-1] == {"agent_step": "20000", "frames": "80000", "wall_time": "2000.0"}
-    assert [int(r["agent_step"]) for r in tail] == list(range(int(tail[0]["agent_step"]), 20001))
-    # 40 frames per second of wall time, measured over the last 600 s.
+    assert tail[-1] == {"agent_step": "20000", "frames": "420000", "wall_time": "20000.0"}
+    first = int(tail[0]["agent_step"])
+    assert 1 < first < 20_000 - 600, "the tail is the file's end only, and longer than the rate's window"
+    assert [int(r["agent_step"]) for r in tail] == list(range(first, 20_001))
+    # The rate of the last 600 s, not the whole run's 21 frames/s.
     assert _recent_rate(tail) == pytest.approx(40.0)
 
 

@@ -75,16 +75,21 @@ def test_a_run_saved_on_cpu_resumes_where_torch_has_another_rng_stream(tmp_path,
     """On CUDA the trainer keeps a second torch RNG stream that a checkpoint written on CPU lacks: the resume
     goes on (that stream starts fresh), rather than taking the checkpoint for a damaged one."""
     import torch
+    from safetensors.torch import load_file
 
     from dqn_atari import train as train_module
 
-    cfg = cartpole_config(tmp_path, "train.frames=1500")
+    # Noisy nets draw from torch's stream at every update, so the saved stream is not the fresh one.
+    cfg = cartpole_config(tmp_path, "train.frames=1500", "network.noisy=true", "train.replay_start_steps=100")
     Trainer(cfg, progress=False).train(interrupt_at_step=300)
     cpu_state = train_module._torch_rng_state
     monkeypatch.setattr(train_module, "_torch_rng_state", lambda device: {**cpu_state(device), "cuda": torch.zeros(8)})
     trainer = Trainer(cfg, progress=False)
+    fresh = trainer.torch_rng["torch"].clone()
     assert trainer.setup() and trainer.counters.agent_step == 300
     assert torch.equal(trainer.torch_rng["cuda"], torch.zeros(8))
+    saved = load_file(str(trainer.last_checkpoint / "tensors.safetensors"))["rng.torch"]
+    assert torch.equal(trainer.torch_rng["torch"], saved) and not torch.equal(saved, fresh)  # restored, not fresh
     trainer.close()
 
 
@@ -234,19 +239,25 @@ def test_a_warm_up_longer_than_the_budget_is_a_warning(tmp_path, capsys):
 
 
 def test_progress_bars_redraw_once_a_minute_into_a_log_file(monkeypatch):
-    """A bar on a terminal redraws as tqdm likes; written to a file (nohup, a batch job's log) once a minute."""
+    """A bar on a terminal redraws as tqdm likes; written to a file (nohup, a batch job's log) once a minute:
+    over 6 updates 0.15 s apart, the file gets only the first and the last drawing."""
     import io
+    import time
 
-    from dqn_atari.progress import LOG_INTERVAL_S, progress_bar
+    from dqn_atari.progress import progress_bar
 
     class Terminal(io.StringIO):
         def isatty(self):
             return True
 
-    for stream, interval in ((io.StringIO(), LOG_INTERVAL_S), (Terminal(), 0.1)):
+    redraws = {}
+    for stream in (io.StringIO(), Terminal()):
         monkeypatch.setattr("sys.stderr", stream)
         bar = progress_bar(total=10)
-        assert bar.mininterval == interval
-        bar.update(10)
+        for _ in range(6):
+            time.sleep(0.15)
+            bar.update(1)
         bar.close()
-        assert "10/10" in stream.getvalue()
+        assert "6/10" in stream.getvalue()
+        redraws[type(stream).__name__] = stream.getvalue().count("\r")
+    assert redraws["StringIO"] == 2 and redraws["Terminal"] >= 6, redraws
