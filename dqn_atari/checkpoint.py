@@ -166,6 +166,8 @@ def save_checkpoint(
     tmp = ckpt_root / f".tmp_{final.name}"
     for stale in list(ckpt_root.glob(".tmp_*")) + list(ckpt_root.glob(".trash_*")):
         shutil.rmtree(stale, ignore_errors=True)  # left by a kill during an earlier save or deletion
+    for stale in ckpt_root.glob(".LATEST.tmp*"):  # a kill between writing LATEST's temp file and its rename
+        stale.unlink(missing_ok=True)
     previous = [g for g in generations(ckpt_root) if step_of(g) < step]
     if link_from is None or not Path(link_from).is_dir() or step_of(link_from) > step:
         link_from = previous[0] if previous else None
@@ -316,6 +318,12 @@ _UNUSABLE = (CheckpointError, SafetensorError, ValueError, KeyError, TypeError, 
              RuntimeError)
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's allocators fail with RuntimeErrors: torch.OutOfMemoryError on CUDA, a plain one on CPU."""
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError)
+                                                       and "can't allocate memory" in str(exc))
+
+
 def load_checkpoint(ckpt_root: Path, restore: Callable[[dict[str, torch.Tensor], dict, Path], None]) -> Path | None:
     """Restore the newest usable generation through ``restore(tensors, state, generation_dir)``.
 
@@ -336,9 +344,11 @@ def load_checkpoint(ckpt_root: Path, restore: Callable[[dict[str, torch.Tensor],
             if REPLAY_MANIFEST in manifest["files"]:
                 _read_verified(gen, REPLAY_MANIFEST, manifest)  # pins the chunk CRCs the replay then checks
             restore(tensors, state, gen)
-        except (ConfigError, torch.OutOfMemoryError):
+        except ConfigError:
             raise
         except _UNUSABLE as exc:
+            if is_out_of_memory(exc):
+                raise
             problems.append(f"{gen.name}: {exc}")
             continue
         if problems:

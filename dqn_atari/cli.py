@@ -183,9 +183,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dqn_atari.checkpoint import CheckpointError
-    import torch
-
+    from dqn_atari.checkpoint import CheckpointError, is_out_of_memory
     from dqn_atari.train import RunBusy, TrainingDiverged
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -214,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if isinstance(exc, (ConfigError, ValueError, FileNotFoundError)) else 1
     except RuntimeError as exc:
         # torch's allocators raise RuntimeErrors (torch.OutOfMemoryError on CUDA), not MemoryError.
-        if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+        if not is_out_of_memory(exc):
             raise
         print(f"error: out of memory ({str(exc).splitlines()[0]}). Lower train.batch_size or the network's size, "
               f"train fewer runs in one process, or free some memory; the last complete checkpoint is kept, so "

@@ -119,6 +119,15 @@ class RunDir:
             raise ValueError(f"protocol must be a mapping with at least a 'name'; fields read: {PROTOCOL_JSON_FIELDS}")
         atomic_write_text(self.path / self.PROTOCOL, json.dumps(_plain(protocol, "protocol"), indent=2) + "\n")
 
+    def forget_config_changes_after(self, agent_step: int) -> None:
+        """Drop the config changes recorded after ``agent_step`` (a resume from an earlier step replays them)."""
+        changes = self.config_changes
+        kept = [c for c in changes if c.get("agent_step", 0) <= agent_step]
+        if not kept:
+            (self.path / self.CONFIG_CHANGES).unlink(missing_ok=True)
+        elif len(kept) < len(changes):
+            atomic_write_text(self.path / self.CONFIG_CHANGES, yaml.safe_dump(kept, sort_keys=False))
+
     def record_config_change(self, agent_step: int, changes: Iterable[str]) -> None:
         """Note in config_changes.yaml that the run went on from ``agent_step`` with another config (force=true):
         config.yaml then holds the new config, and this file what the steps before had (atomic rewrite)."""
@@ -166,7 +175,7 @@ class RunDir:
             try:
                 step_col = header.index("agent_step")
                 kept = [line for line in lines if float(next(csv.reader([line]))[step_col]) <= agent_step]
-            except (ValueError, IndexError) as err:
+            except (ValueError, IndexError, csv.Error) as err:
                 raise RunDirError(f"{path} is damaged ({err}), so the run cannot resume; nothing was changed. Repair "
                                   f"the line (each row starts with its agent_step) and re-run.") from None
             atomic_write_text(path, "".join(line + "\n" for line in [",".join(header), *kept]))
@@ -403,9 +412,13 @@ def _read_csv(path: Path, columns: tuple[str, ...], text_columns: tuple[str, ...
     missing = [c for c in columns if c not in header]
     if missing:
         raise RunDirError(f"{path} lacks columns {missing} (header: {header})")
-    for number, fields in enumerate(csv.reader(lines), start=2):
-        if len(fields) != len(header):
-            raise RunDirError(f"{path} is corrupt: line {number} has {len(fields)} fields, the header {len(header)}")
+    try:
+        for number, fields in enumerate(csv.reader(lines), start=2):
+            if len(fields) != len(header):
+                raise RunDirError(f"{path} is corrupt: line {number} has {len(fields)} fields, the header "
+                                  f"{len(header)}")
+    except csv.Error as err:
+        raise RunDirError(f"{path} is corrupt: {err}") from err
     text = "\n".join([",".join(header), *lines]) + "\n"
     try:
         df = pd.read_csv(io.StringIO(text), dtype={c: str for c in text_columns}, keep_default_na=False,

@@ -349,7 +349,7 @@ class Trainer:
         try:
             self._load_state(tensors, state, gen)
         except (RuntimeError, ValueError, KeyError) as exc:
-            if not diffs or isinstance(exc, (torch.OutOfMemoryError, ReplayCorruptError)):
+            if not diffs or isinstance(exc, ReplayCorruptError) or ckpt.is_out_of_memory(exc):
                 raise  # a damaged or foreign checkpoint: load_checkpoint tries the one before
             # Intact, but force=true changed a setting its network or replay was built for: not damage.
             raise ConfigError(f"force=true cannot resume {gen} with {'; '.join(diffs[:8])}: {exc}. The network and "
@@ -400,7 +400,9 @@ class Trainer:
         else:
             print(f"Resuming {run.path} from {gen.name} (agent step {self.counters.agent_step:,}).")
             run.truncate_after(self.counters.agent_step)
-        if diffs:  # force=true: the steps before ran with the recorded config, which config.yaml is about to lose
+        # force=true: the steps kept ran with the recorded config, which config.yaml is about to lose.
+        run.forget_config_changes_after(self.counters.agent_step if gen is not None else -1)
+        if diffs and gen is not None:
             run.record_config_change(self.counters.agent_step, diffs)
             print(f"force=true: {run.path} goes on from agent step {self.counters.agent_step:,} with "
                   f"{'; '.join(diffs)} (recorded in {run.CONFIG_CHANGES}).")

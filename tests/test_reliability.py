@@ -315,7 +315,8 @@ BAD_INPUT = [
     ("missing config file", ["configs/no_such_variant.yaml"], 2, ["does not exist", "nature_dqn"]),
     ("replay too big for memory", [NATURE, "env.game=Pong", "replay.capacity=100000000"], 1,
      ["replay memory needs", "Lower replay.capacity"]),
-    ("network too big for memory", [NATURE, "network.hidden=100000000000"], 1, ["out of memory", "network's size"]),
+    ("network too big for memory", [NATURE, "network.hidden=100000000000", "replay.capacity=1000"], 1,
+     ["out of memory", "network's size"]),
     ("YAML boolean for a name", [NATURE, "env.game=on"], 2, ["env.game must be a string, got True (quote it)"]),
 ]
 

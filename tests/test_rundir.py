@@ -223,6 +223,17 @@ def test_a_report_whose_rewrite_fails_halfway_keeps_the_old_one(tmp_path):
     assert png.read_bytes() == old and os.listdir(png.parent) == ["Pong.png"]
 
 
+def test_config_changes_after_the_step_a_run_resumes_from_are_forgotten(tmp_path):
+    run = RunDir(tmp_path / "run")
+    assert run.config_changes == []
+    run.record_config_change(300, ["agent.lr: recorded 0.001, now 0.01"])
+    run.record_config_change(600, ["agent.lr: recorded 0.01, now 0.02"])
+    run.forget_config_changes_after(450)  # resumed from a checkpoint before the second change
+    assert run.config_changes == [{"agent_step": 300, "changes": ["agent.lr: recorded 0.001, now 0.01"]}]
+    run.forget_config_changes_after(-1)  # started over from step 0
+    assert run.config_changes == [] and not (run.path / RunDir.CONFIG_CHANGES).exists()
+
+
 def test_find_runs_skips_and_names_unreadable_dirs(tmp_path):
     good = RunDir.for_run(tmp_path, "nature_dqn", "Pong", 1)
     good.write_config(CONFIG)
