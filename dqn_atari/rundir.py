@@ -123,17 +123,20 @@ class RunDir:
         """Drop the config changes recorded after ``agent_step`` (a resume from an earlier step replays them)."""
         changes = self.config_changes
         kept = [c for c in changes if c.get("agent_step", 0) <= agent_step]
-        if not kept:
-            (self.path / self.CONFIG_CHANGES).unlink(missing_ok=True)
-        elif len(kept) < len(changes):
-            atomic_write_text(self.path / self.CONFIG_CHANGES, yaml.safe_dump(kept, sort_keys=False))
+        if len(kept) < len(changes):
+            self._write_config_changes(kept)
 
     def record_config_change(self, agent_step: int, changes: Iterable[str]) -> None:
         """Note in config_changes.yaml that the run went on from ``agent_step`` with another config (force=true):
         config.yaml then holds the new config, and this file what the steps before had (atomic rewrite)."""
-        entry = {"agent_step": int(agent_step), "changes": list(changes)}
-        text = yaml.safe_dump([*self.config_changes, entry], sort_keys=False, default_flow_style=False)
-        atomic_write_text(self.path / self.CONFIG_CHANGES, text)
+        self._write_config_changes([*self.config_changes, {"agent_step": int(agent_step), "changes": list(changes)}])
+
+    def _write_config_changes(self, changes: list[dict[str, Any]]) -> None:
+        path = self.path / self.CONFIG_CHANGES
+        if changes:
+            atomic_write_text(path, yaml.safe_dump(changes, sort_keys=False, default_flow_style=False))
+        else:
+            path.unlink(missing_ok=True)
 
     def append_train(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Append finished training episodes to train.csv (header written when the file is created)."""
