@@ -144,7 +144,6 @@ def write_report(configs: list[Config], out_dir: Path = OUT_DIR) -> tuple[Path, 
     table = success_table(configs)
     if table.empty:
         raise ValueError("no finished bit-flipping run to report; train them first (make her)")
-    out_dir.mkdir(parents=True, exist_ok=True)
     csv = out_dir / "bitflip.csv"
     atomic_write_csv(csv, table.drop(columns="label"))
     png = plot_success(table, out_dir / "bitflip.png")

@@ -342,7 +342,6 @@ class Trainer:
         return self.last_checkpoint
 
     def _restore(self, tensors: dict[str, torch.Tensor], state: dict, gen: Path) -> None:
-        a = self.agent
         diffs = identity_differences(recorded_identity(state.get("config", {})), self.cfg.run_identity())
         if diffs and not self.cfg.force:
             raise ConfigError(config_mismatch(diffs, gen))

@@ -38,10 +38,10 @@ def machine_info(packages: tuple[str, ...] = ("ale-py", "gymnasium", "numpy", "t
 def finish(result: dict, out: str | Path) -> None:
     """Write the result, with the command that produced it, to ``out`` and print it as the script's last line (one
     line of JSON)."""
+    from dqn_atari.rundir import atomic_write_text
+
     result = {**result, "command": shlex.join(["python", f"scripts/{Path(sys.argv[0]).name}", *sys.argv[1:]])}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
 
 

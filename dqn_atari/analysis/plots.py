@@ -52,7 +52,6 @@ def new_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.0,
 
 
 def save(fig: Figure, out_dir: Path, name: str) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
     atomic_savefig(paths[0], fig, dpi=120)
     atomic_savefig(paths[1], fig)

@@ -118,7 +118,6 @@ def render_latex(df: pd.DataFrame, title: str, notes: Sequence[str] = ()) -> str
 
 def write_table(df: pd.DataFrame, out_dir: Path, name: str, title: str, notes: Sequence[str] = ()) -> list[Path]:
     """Write ``name.md``, ``name.tex`` and ``name.csv`` (CSV headers join the header lines with ' | ')."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}.{ext}" for ext in FORMATS]
     atomic_write_text(paths[0], render_markdown(df, title, notes))
     atomic_write_text(paths[1], render_latex(df, title, notes))
@@ -278,7 +277,6 @@ def write_tables(
     runs = run_table(records, reference)
     summary = summarize(runs)
     settings = settings_in(runs)
-    out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_csv(out_dir / "runs.csv", runs.assign(setting=runs["setting"].map(Setting.label)))
     paths = [out_dir / "runs.csv"]
     paths += write_table(per_game_table(summary, settings), out_dir, "per_game",
