@@ -96,6 +96,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError(f"evaluate: episodes must be >= 1, got {episodes}.")
     if seed < 0:
         raise ConfigError(f"evaluate: seed must be >= 0, got {seed}.")
+    if epsilon is not None and not 0.0 <= epsilon <= 1.0:  # also refuses nan
+        raise ConfigError(f"evaluate: epsilon is a probability, in [0, 1]; got {epsilon}.")
     evaluate_run(Path(args.run_dir), episodes=episodes, video=options.get("video"), epsilon=epsilon, seed=seed)
     return 0
 

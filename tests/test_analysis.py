@@ -17,7 +17,7 @@ from dqn_atari.analysis.protocol import Protocol, parse_paper_protocol, protocol
 from dqn_atari.analysis.reference import Reference, game_key
 from dqn_atari.analysis.report import write_game_report
 from dqn_atari.analysis.scores import load_runs, run_table, summarize, training_returns
-from dqn_atari.analysis.stats import Strata, aggregate, bootstrap, performance_profile, t_interval
+from dqn_atari.analysis.stats import Strata, aggregate, bootstrap, has_interval, performance_profile, t_interval
 from dqn_atari.analysis.tables import aggregates_table, fmt_value, variant_table
 from dqn_atari.analysis.variants import VARIANTS
 from dqn_atari.rundir import RunDir
@@ -499,6 +499,42 @@ def test_one_run_per_game_shows_no_bootstrap_interval(tmp_path, ref):
     agg = aggregates_table(run_table(load_runs(root), ref), ref, reps=100)
     ours = agg[agg["Source"].str.startswith("ours")]
     assert (ours["Median HNS %"].str.endswith("(no CI)")).all() and not ours["IQM HNS %"].str.contains(r"\[").any()
+    # One game with 3 runs does not make an interval: the other games are fixed in every bootstrap draw.
+    for seed in (2, 3):
+        write_run(root, "nature_dqn", "Pong", seed, NATURE, 0.8)
+    agg = aggregates_table(run_table(load_runs(root), ref), ref, reps=100)
+    ours = agg[agg["Source"].str.startswith("ours")]
+    assert (ours["Median HNS %"].str.endswith("(no CI)")).all()
+    assert has_interval([np.ones(2), np.ones(3)]) and not has_interval([np.ones(2), np.ones(1)])
+    assert not has_interval([]) and not has_interval([np.ones((1, 5)), np.ones((3, 5))])  # curves: runs first
+
+
+def test_dopamine_check_compares_training_returns_with_dopamine(tmp_path, ref):
+    """Dopamine's curves are training-episode returns, so ours are set beside them: training returns equal to
+    Dopamine's mean pass, however far the evaluation scores are."""
+    root = tmp_path / "runs"
+    run = write_run(root, "nature_dqn", "Breakout", 1, NATURE, 3.0)  # evaluations far above Dopamine's 2M frames
+    point = ref.dopamine_curve("DQN", "breakout", "legacy")
+    point = point.iloc[int(np.argmin(np.abs(point["frames"].to_numpy() - 2e6)))]
+    rows = [{"agent_step": 250_000 * k + 100 * i, "frames": 4 * (250_000 * k + 100 * i), "episode": 10 * k + i,
+             "score": float(point["mean_return"]), "length": 100, "epsilon": 0.1, "wall_time": 0.0}
+            for k in (0, 1) for i in range(10)]
+    (run.path / "train.csv").unlink()
+    run.append_train(rows)
+    table, notes = variant_table(summarize(run_table(load_runs(root), ref)), "nature_dqn", ref)
+    within = next(c for c in table.columns if "within" in c)
+    assert "training returns" in within and table[within].tolist()[0] == "yes"
+    assert any("best snapshot: compare with our best-eval column" in n for n in notes)
+
+
+def test_recomputed_human_starts_rows_are_left_out_of_the_aggregates(tmp_path, ref):
+    root = tmp_path / "runs"
+    write_run(root, "rainbow", "Pong", 1, RAINBOW, 2.0)
+    agg = aggregates_table(run_table(load_runs(root), ref), ref, reps=10)
+    published = agg[agg["Scores"] == "published"]
+    recomputed = published[published["Source"].str.startswith("recomputed (dqn_zoo")]
+    assert len(recomputed) and not recomputed["Protocol"].str.contains("human").any()
+    assert published["Protocol"].str.contains("human").any()  # the papers' own human-starts figures stay
 
 
 def test_settings_that_share_a_protocol_name_keep_their_own_columns_and_lines(tmp_path, ref):

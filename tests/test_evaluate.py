@@ -112,3 +112,18 @@ def test_run_trained_with_cuda_graphs_evaluates_without_a_gpu(tmp_path):
     config.write_text(config.read_text().replace("cuda_graph: false", "cuda_graph: true"))  # as a GPU run records it
     cfg, agent = load_run_agent(run.path)
     assert not cfg.cuda_graph and agent.device.type == "cpu"
+
+
+@pytest.mark.parametrize("option, message", [
+    ("episodes=0", "episodes must be >= 1"), ("episodes=-3", "episodes must be >= 1"),
+    ("seed=-1", "seed must be >= 0"), ("epsilon=1.5", "epsilon is a probability"),
+    ("epsilon=nan", "epsilon is a probability"), ("episodes=two", "is not an integer"), ("frames=9", "evaluate takes"),
+])
+def test_evaluate_command_refuses_bad_options_before_touching_the_run(tmp_path, capsys, option, message):
+    from dqn_atari.cli import main
+
+    run = tiny_cartpole_run(tmp_path, "train.frames=300").train()
+    before = {p: p.stat().st_mtime_ns for p in run.path.rglob("*")}
+    assert main(["evaluate", str(run.path), option]) == 2
+    assert message in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in run.path.rglob("*")} == before

@@ -35,7 +35,7 @@ from dqn_atari.analysis.scores import (
     run_table,
     settings_in,
 )
-from dqn_atari.analysis.stats import METRICS, Strata, bootstrap, performance_profile, t_interval
+from dqn_atari.analysis.stats import METRICS, Strata, bootstrap, has_interval, performance_profile, t_interval
 from dqn_atari.analysis.variants import ABLATION_BASE, ABLATION_BASELINE, VARIANTS, variant_ref
 from dqn_atari.rundir import atomic_savefig
 
@@ -173,21 +173,32 @@ def aggregate_over_frames(
 
 
 def plot_aggregate_hns(records: list[RunRecord], reference: Reference, out_dir: Path, reps: int = 500) -> list[Path]:
-    """Median and IQM HNS over frames per (variant, protocol, budget) with bootstrap 95 % bands."""
+    """Median and IQM HNS over frames per (variant, protocol, budget), with stratified-bootstrap 95 % bands for
+    the settings whose every game has at least 2 runs (stats.has_interval). Settings run on different games are
+    drawn each over its own games (the legend counts them), with a warning: their levels are not comparable."""
     fig, axes = new_figure(1, 2)
-    groups = by_setting(records)
+    groups, game_sets = by_setting(records), set()
     for (setting, group), color in zip(groups.items(), palette(len(groups))):
         grid, keys, per_game = hns_curves(group, reference)
         if not keys:
             continue
+        game_sets.add(tuple(keys))
+        with_ci = has_interval(per_game)
         for ax, metric in zip(axes, ("median", "iqm")):
-            point, low, high = aggregate_over_frames(grid, per_game, metric, reps)
+            point, low, high = aggregate_over_frames(grid, per_game, metric, reps, with_ci=with_ci)
             ax.plot(grid / 1e6, 100 * point, color=color, lw=2, marker="o" if grid.size < 5 else None,
-                    label=f"{setting.name} ({setting.protocol.label()}; {len(keys)} games)")
-            ax.fill_between(grid / 1e6, 100 * low, 100 * high, color=color, alpha=0.2, lw=0)
+                    label=f"{setting.name} ({setting.protocol.label()}; {len(keys)} games"
+                          f"{'' if with_ci else '; no band: a game has 1 run'})")
+            if with_ci:
+                ax.fill_between(grid / 1e6, 100 * low, 100 * high, color=color, alpha=0.2, lw=0)
+    mixed = len(game_sets) > 1
+    if mixed:
+        warnings.warn("aggregate_hns: the settings were run on different games, so their median/IQM curves are "
+                      "not comparable (the legend gives each one's game count)", stacklevel=2)
     for ax, metric in zip(axes, ("median", "IQM")):
         ax.set(xlabel="frames (millions)", ylabel=f"{metric} human-normalized score (%)",
-               title=f"{metric} HNS over games, 95 % stratified-bootstrap CI")
+               title=f"{metric} HNS over games, 95 % stratified-bootstrap CI"
+                     + ("\n(settings cover different games)" if mixed else ""))
         ax.axhline(100, color="0.5", lw=0.8, ls=":")
     legend_below(fig, axes[0])
     return save(fig, out_dir, "aggregate_hns")
@@ -269,9 +280,11 @@ def plot_performance_profiles(records: list[RunRecord], reference: Reference, ou
             if not keys:
                 continue
             profile, low, high = performance_profile(per_game, taus, reps=reps)
-            ax.plot(taus, profile, color=color, lw=2,
-                    label=f"{setting.name} ({setting.protocol.label()}; {len(keys)} games)")
-            ax.fill_between(taus, low, high, color=color, alpha=0.2, lw=0, step=None)
+            with_ci = has_interval(per_game)
+            ax.plot(taus, profile, color=color, lw=2, label=f"{setting.name} ({setting.protocol.label()}; "
+                    f"{len(keys)} games{'' if with_ci else '; no band: a game has 1 run'})")
+            if with_ci:
+                ax.fill_between(taus, low, high, color=color, alpha=0.2, lw=0)
     for ax, kind in zip(axes, SCORE_KINDS):
         ax.axvline(1.0, color="0.5", lw=0.8, ls=":")
         ax.set(xlabel=r"human-normalized score $\tau$", ylabel=r"fraction of runs with score > $\tau$",

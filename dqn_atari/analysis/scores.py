@@ -119,6 +119,12 @@ class RunRecord:
         return float(self.curve["mean_score"].iloc[-1])
 
     @property
+    def last_training_return(self) -> float:
+        """Mean score of the training episodes of the run's last whole 1M frames (NaN before the first): the
+        figure Dopamine's curves give at those frames."""
+        return float(self.train_curve["mean_score"].iloc[-1]) if len(self.train_curve) else float("nan")
+
+    @property
     def best_score(self) -> float:
         return float(self.curve["mean_score"].max())
 
@@ -224,18 +230,20 @@ def run_table(records: list[RunRecord], reference: Reference) -> pd.DataFrame:
             "setting": r.setting, "variant": r.variant, "protocol": r.setting.protocol.label(),
             "frames_budget": r.setting.frames_budget, "game": r.game, "game_key": r.game_key, "seed": r.seed,
             "frames_trained": r.frames_trained, "final_score": r.final_score, "best_score": r.best_score,
+            "train_score": r.last_training_return,
         }
         for r in records
     ]
     df = pd.DataFrame(rows, columns=["setting", "variant", "protocol", "frames_budget", "game", "game_key", "seed",
-                                     "frames_trained", "final_score", "best_score"])
+                                     "frames_trained", "final_score", "best_score", "train_score"])
     for kind in SCORE_KINDS:
         df[f"{kind}_hns"] = reference.hns(df[f"{kind}_score"], df["game_key"]) if len(df) else []
     return df
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean, standard deviation (over seeds, ddof=1) and count per (setting, game)."""
+    """Mean, standard deviation (over seeds, ddof=1) and count per (setting, game); the mean of the runs' last
+    training returns (RunRecord.last_training_return) too."""
     value_cols = [f"{k}_{u}" for k in SCORE_KINDS for u in ("score", "hns")]
     grouped = runs.groupby(["setting", "game_key"], sort=False)
     out = grouped.agg(
@@ -246,6 +254,7 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     for col in value_cols:
         out[f"{col}_mean"] = grouped[col].mean()
         out[f"{col}_std"] = grouped[col].std(ddof=1)
+    out["train_score_mean"] = grouped["train_score"].mean()
     return out.reset_index()
 
 

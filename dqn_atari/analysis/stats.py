@@ -107,6 +107,13 @@ def bootstrap(
     return point, low, high
 
 
+def has_interval(per_game: Sequence[np.ndarray]) -> bool:
+    """Whether a stratified-bootstrap interval means what it says: every game has at least two runs. A game
+    with one run is the same in every draw, so an interval would describe the other games' spread only (and
+    with one run per game it has zero width)."""
+    return bool(per_game) and all(np.shape(g)[0] >= 2 for g in per_game)
+
+
 def aggregate(
     per_game: Sequence[np.ndarray],
     metrics: Sequence[str] = tuple(METRICS),

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dqn_atari.analysis.protocol import comparison_verdict, fmt_frames, parse_paper_protocol
+from dqn_atari.analysis.protocol import comparison_verdict, fmt_frames, parse_paper_protocol, start_kind
 from dqn_atari.analysis.reference import DEFAULT_REFERENCE_ROOT, Reference, load_reference, warn_missing_hns
 from dqn_atari.analysis.scores import (
     DEFAULT_RUNS_ROOT,
@@ -32,13 +32,18 @@ from dqn_atari.analysis.scores import (
     settings_in,
     summarize,
 )
-from dqn_atari.analysis.stats import aggregate
+from dqn_atari.analysis.stats import aggregate, has_interval
 from dqn_atari.analysis.variants import variant_ref
 from dqn_atari.rundir import atomic_write_csv, atomic_write_text
 
 DEFAULT_TABLES_DIR = Path("results/tables")
 FORMATS = ("md", "tex", "csv")
 HNS_NOTE = "HNS = (score - random) / (human - random); ours use the standard 57-game random/human table (atari_random_human.csv)."
+RECOMPUTED_NOTE = ("recomputed rows are medians and means of a paper's per-game scores. Their human-starts rows are "
+                   "left out: they were normalized with the no-op random/human table, and human-starts papers use "
+                   "the human-start one (Nair et al. 2015). A recomputed mean can be far from the printed one "
+                   "(C51: 1767 % vs 701 %): one game with a small human-random gap (Video Pinball) dominates it, so "
+                   "compare medians.")
 PUBLISHED_HNS_NOTE = ("published rows use the random/human table of their source (see Source), so rows from different "
                       "tables differ for the same scores: DQN's 49 Nature scores give median 93.5 % with the Nature "
                       "paper's table and 79.3 % with the standard one; compare ours with standard-table rows.")
@@ -184,7 +189,8 @@ def variant_table(
     notes = [KIND_NOTE]
     keys, _ = game_rows(sub)
     for setting in settings if ref.dopamine_agent else []:
-        ours = sub[sub["setting"] == setting].set_index("game_key")["final_score_mean"]
+        # Like for like: Dopamine reports training-episode returns per 1M frames, so ours are the same figure.
+        ours = sub[sub["setting"] == setting].set_index("game_key")["train_score_mean"]
         frames = float(sub.loc[sub["setting"] == setting, "frames_trained"].max())
         points = [dopamine_at(reference, ref.dopamine_agent, ref.dopamine_set, k, frames) for k in keys]
         at = next((p["frames"] for p in points if p is not None), None)
@@ -193,16 +199,18 @@ def variant_table(
         values = ["-" if p is None else f"{fmt_value(p['mean_return'])} +- {fmt_value(p['std_return'])}" for p in points]
         if head not in table.columns or table[head].tolist() != values:  # settings of one budget share this column
             table[_new_column(table, head)] = values
-        within = (f"{setting.name} final eval\nwithin Dopamine +-1 s.d.?\n"
+        within = (f"{setting.name} training returns\nof the last 1M frames:\nwithin Dopamine +-1 s.d.?\n"
                   f"({setting.protocol.name}, {fmt_frames(setting.frames_budget)} frames)")
         table[_new_column(table, within)] = [
-            "n/a" if p is None or k not in ours.index
+            "n/a" if p is None or k not in ours.index or not np.isfinite(ours[k])
             else "yes" if abs(ours[k] - p["mean_return"]) <= p["std_return"] else "no"
             for k, p in zip(keys, points)
         ]
     if ref.dopamine_agent is not None:
-        notes.append("Dopamine curves: training-episode returns with sticky actions (Machado et al. 2018), so the "
-                     "'within' check compares different protocols; it flags gross mismatches only.")
+        notes.append("Dopamine curves: training-episode returns with sticky actions (Machado et al. 2018). The "
+                     "'within' check sets the same figure of ours beside them (the mean score of the training "
+                     "episodes of our last 1M frames, mean over seeds), but our protocol and epsilon schedule may "
+                     "still differ from Dopamine's: it flags gross mismatches only.")
     paper = reference.paper_rows(ref.paper_algorithms)
     paper = paper[paper["game_key"].isin(keys)]
     for (algorithm, protocol), rows in paper.groupby(["algorithm", "protocol"], sort=False):
@@ -211,7 +219,10 @@ def variant_table(
         table[header] = [fmt_value(scores[k]) if k in scores.index else "-" for k in keys]
         verdicts = [comparison_verdict(setting.protocol, sub.loc[sub["setting"] == setting, "frames_trained"].max(),
                                        parse_paper_protocol(protocol)) for setting in settings]
-        notes.append(f"{algorithm}: protocol '{protocol}'; {'; '.join(verdicts)}; source: {rows['source'].iloc[0]}")
+        best = ("; the paper reports its best snapshot: compare with our best-eval column"
+                if parse_paper_protocol(protocol).reporting == "best snapshot" else "")
+        notes.append(f"{algorithm}: protocol '{protocol}'; {'; '.join(verdicts)}{best}; "
+                     f"source: {rows['source'].iloc[0]}")
     if paper.empty:
         notes.append(f"no published per-game scores are mapped for variant '{variant}' on these games.")
     notes.append("the papers' per-game tables give no spread over seeds.")
@@ -232,8 +243,7 @@ def aggregates_table(
                 continue
             est = aggregate(per_game, reps=reps, seed=seed)
             sub = runs[(runs["setting"] == setting) & runs["game_key"].isin(keys)]
-            # One run per game: the stratified bootstrap has nothing to resample, so no interval is shown.
-            ci = fmt_ci if len(sub) > len(keys) else fmt_point
+            ci = fmt_ci if has_interval(per_game) else fmt_point
             rows.append({
                 "Agent": setting.name, "Scores": SCORE_KINDS[kind], "Protocol": setting.protocol.label(),
                 "Frames": fmt_frames(sub["frames_trained"].max()), "Games": len(keys), "Runs": len(sub),
@@ -248,6 +258,8 @@ def aggregates_table(
     for variant in sorted(set(runs["variant"])):
         names = variant_ref(variant).aggregate_algorithms
         for _, row in published[published["algorithm"].isin(names)].iterrows():
+            if row["kind"].startswith("recomputed (dqn_zoo") and start_kind(row["protocol"]) == "human":
+                continue  # RECOMPUTED_NOTE
             rows.append({
                 "Agent": row["algorithm"], "Scores": "published", "Protocol": row["protocol"], "Frames": row["frames"],
                 "Games": row["n_games"], "Runs": "",
@@ -289,9 +301,10 @@ def write_tables(
         paths += write_table(table, out_dir, f"per_game_{variant}",
                              f"{variant_ref(variant).label}: our scores next to published ones", notes)
     paths += write_table(aggregates_table(runs, reference, reps=reps), out_dir, "aggregates",
-                         "Aggregate human-normalized scores", [HNS_NOTE, PUBLISHED_HNS_NOTE, KIND_NOTE,
-                         "ours: point estimate [95 % stratified-bootstrap CI] (Agarwal et al. 2021; none with one run "
-                         "per game: resampling within a game has nothing to draw); IQM pools all runs; optimality gap "
+                         "Aggregate human-normalized scores", [HNS_NOTE, PUBLISHED_HNS_NOTE, RECOMPUTED_NOTE, KIND_NOTE,
+                         "ours: point estimate [95 % stratified-bootstrap CI] (Agarwal et al. 2021; only where every "
+                         "game has at least 2 runs: resampling within a game of one run has nothing to draw, so the "
+                         "interval would describe the other games only); IQM pools all runs; optimality gap "
                          "at gamma = 1 (HNS units); games > human counts HNS > 100 % (Nature 2015's 'human level' "
                          "count uses >= 75 %); published rows cover their own game sets."])
     return paths
