@@ -225,8 +225,10 @@ class EvalConfig:
     max_steps: int = 125_000
     """Agent-step budget of one periodic evaluation; episodes unfinished when it runs out are dropped (DeepMind's
     code: 125,000). The final evaluation has none: it plays all ``episodes`` to their end (Nature 2015, Methods)."""
-    max_episode_frames: int = 18_000
-    """Episode cap in evaluation (Nature 2015, Methods: 5 minutes = 18,000 frames)."""
+    max_episode_frames: int | None = None
+    """Episode cap in evaluation, in frames. None (the default): the cap of ``env.protocol``'s evaluation,
+    :data:`EVAL_EPISODE_FRAMES` (nature2015: 18,000; machado2018: 108,000); the resolved number is what the run's
+    config.yaml records."""
     num_envs: int = 8
     """Evaluation environments stepped together, for speed: the episodes counted are the first ``episodes`` to
     start, whatever their length, and the step budget counts their steps only (see dqn_atari.train.evaluate)."""
@@ -236,12 +238,19 @@ class EvalConfig:
         _check(0.0 <= self.epsilon <= 1.0, f"eval.epsilon must be in [0, 1], got {self.epsilon}.")
         _check(self.episodes >= 1, f"eval.episodes must be >= 1, got {self.episodes}.")
         _check(self.max_steps >= 1, f"eval.max_steps must be >= 1, got {self.max_steps}.")
-        _check(self.max_episode_frames >= 1, f"eval.max_episode_frames must be >= 1, got {self.max_episode_frames}.")
+        _check(self.max_episode_frames is None or self.max_episode_frames >= 1,
+               f"eval.max_episode_frames must be >= 1 (or null: the protocol's), got {self.max_episode_frames}.")
         _check(self.num_envs >= 1, f"eval.num_envs must be >= 1, got {self.num_envs}.")
 
 
 # Where and how a run executes, not what it computes: free to change between a run and its resume.
 RUN_LOCAL_KEYS = ("runs_root", "device", "force", "torch_threads", "compile", "cuda_graph")
+
+
+#: Evaluation episode caps of the named protocols, in frames (``eval.max_episode_frames: null`` takes these). Nature
+#: 2015 (Methods) evaluates "for up to 5 min" = 18,000 frames at 60 Hz; Machado et al. 2018 and Dopamine cap every
+#: episode, evaluation too, at 108,000 frames (27,000 agent steps).
+EVAL_EPISODE_FRAMES = {"nature2015": 18_000, "machado2018": 108_000}
 
 
 @dataclass(frozen=True)
@@ -274,6 +283,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        if self.eval.max_episode_frames is None:
+            cap = EVAL_EPISODE_FRAMES.get(self.env.protocol, EVAL_EPISODE_FRAMES["nature2015"])
+            object.__setattr__(self, "eval", dataclasses.replace(self.eval, max_episode_frames=cap))
         _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device) is not None,
                f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}.")
         _check(self.torch_threads >= 0, f"torch_threads must be >= 0 (0: torch's default), got {self.torch_threads}.")

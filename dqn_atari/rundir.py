@@ -6,7 +6,9 @@ Layout (``results/runs/<variant>/<game>/seed<k>/``):
                     ``train: {frames, ...}``, ``eval: {epsilon, max_episode_frames, episodes, ...}``; other
                     keys are opaque here).
 - ``protocol.json`` the evaluation protocol, see :data:`PROTOCOL_JSON_FIELDS`.
-- ``train.csv``     one row per finished training episode, columns :data:`TRAIN_COLUMNS`.
+- ``train.csv``     one row per finished training episode, columns :data:`TRAIN_COLUMNS`. ``frames`` (there
+                    and in ``eval.csv``) is agent steps x frame skip (4), the papers' unit: the no-op frames of
+                    episode starts are not counted, and a step cut short by a game over counts 4.
 - ``eval.csv``      one row per evaluation, columns :data:`EVAL_COLUMNS`; ``scores`` holds every
                     evaluation episode's raw score, space separated.
 - ``DONE``          written last: empty, or JSON with a final summary.
@@ -47,8 +49,8 @@ EVAL_COLUMNS = (
 PROTOCOL_JSON_FIELDS = {
     "name": "preset name, e.g. 'nature2015' or 'machado2018'",
     "description": "citation and summary; a trailing 'Overrides: k=v, ...' is shown in table headers",
-    "start": "episode start type in words: 'no-op starts', 'human starts' or 'sticky actions'",
-    "noop_max": "most no-op frames at reset (Nature 2015, Ext. Data Table 1: 30)",
+    "start": "episode start type in words: 'no-op starts', 'human starts', 'sticky actions' or 'none'",
+    "noop_max": "ALE draws 0 to noop_max - 1 no-op frames at reset (Nature 2015, Ext. Data Table 1: 'no-op max' 30)",
     "repeat_action_probability": "sticky-action probability (Machado et al. 2018, Sec. 5.2: 0.25; 0 for none)",
     "eval_epsilon": "epsilon of the evaluation policy (Nature 0.05; Rainbow/Dopamine 0.001; 0 with noisy nets)",
     "eval_max_episode_frames": "evaluation episode cap in frames (Nature 18,000 = 5 min; 108,000 = 30 min)",

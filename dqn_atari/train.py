@@ -443,7 +443,8 @@ class Trainer:
         }
         if protocol is not None:
             record.update({k: v for k, v in asdict(protocol).items() if k != "description"})
-            record["start"] = "sticky actions" if protocol.repeat_action_probability > 0 else "no-op starts"
+            record["start"] = ("sticky actions" if protocol.repeat_action_probability > 0
+                               else "no-op starts" if protocol.noop_max > 0 else "none")
         return record
 
     # -- the pieces of one agent step (the loop itself is train_together's) ------------------------------------
@@ -473,11 +474,16 @@ class Trainer:
             return 0
         return max(0, c.agent_step // t.update_period_steps - t.replay_start_steps // t.update_period_steps)
 
+    def importance_beta(self) -> float:
+        """Prioritized replay's importance-sampling exponent now: replay.beta0 at the start, 1 at the end of the run,
+        linearly in agent steps (Schaul et al. 2016, Sec. 3.4; Hessel et al. 2018, Table 1)."""
+        beta0 = self.cfg.replay.beta0
+        return beta0 + (1.0 - beta0) * min(1.0, self.counters.agent_step / self.total_steps)
+
     def sample(self):
         t = self.cfg.train
         if self.cfg.replay.prioritized:
-            beta = self.cfg.replay.beta0 + (1.0 - self.cfg.replay.beta0) * min(1.0, self.counters.agent_step / self.total_steps)
-            return self.replay.sample(t.batch_size, beta)
+            return self.replay.sample(t.batch_size, self.importance_beta())
         return self.replay.sample(t.batch_size)
 
     def updated(self, batch, stats: dict[str, torch.Tensor], priority: torch.Tensor) -> None:

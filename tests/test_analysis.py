@@ -246,7 +246,12 @@ def test_paper_protocol_parsing_and_differences():
     diffs = protocol_differences(ours, 1e7, dopamine)
     assert any("sticky actions" in d for d in diffs) and any("10M" in d for d in diffs)
     assert any("training episodes" in d for d in diffs)
-    assert "noop<=30" in ours.label() and "eval eps=0.05" in ours.label() and "cap 18k frames" in ours.label()
+    assert "noop 0-29 frames" in ours.label() and "eval eps=0.05" in ours.label() and "cap 18k frames" in ours.label()
+    # No no-ops and no sticky actions: no random starts at all, which Nature's no-op starts are not.
+    bare = Protocol.from_run({"name": "nature2015", "start": "no-op starts", "noop_max": 0,
+                              "repeat_action_probability": 0.0, "eval_epsilon": 0.05, "eval_max_episode_frames": 18_000}, {})
+    assert "noop" not in bare.label() and "no random starts" in bare.label()
+    assert any("start: ours no random starts, paper no-op starts" in d for d in protocol_differences(bare, 200e6, nature))
 
 
 # ----------------------------------------------------------------------------- a synthetic results tree

@@ -20,6 +20,11 @@ def test_nature_config_holds_the_paper_numbers():
     assert cfg.train.replay_start_steps == 50_000 and cfg.train.epsilon_decay_steps == 1_000_000
     assert (cfg.train.epsilon_start, cfg.train.epsilon_end) == (1.0, 0.1)
     assert cfg.eval.epsilon == 0.05 and cfg.eval.max_episode_frames == 18_000
+    # The evaluation cap follows the protocol unless set: Machado et al. / Dopamine evaluate 108,000-frame episodes.
+    machado = load_config(CONFIGS / "nature_dqn.yaml", ["env.protocol=machado2018"])
+    assert machado.eval.max_episode_frames == 108_000
+    assert load_config(CONFIGS / "nature_dqn.yaml",
+                       ["env.protocol=machado2018", "eval.max_episode_frames=18000"]).eval.max_episode_frames == 18_000
     assert frames_to_steps(cfg.train.frames) == 50_000_000  # the paper's "50 million frames" count agent steps
 
 

@@ -261,3 +261,14 @@ def test_progress_bars_redraw_once_a_minute_into_a_log_file(monkeypatch):
         assert "6/10" in stream.getvalue()
         redraws[type(stream).__name__] = stream.getvalue().count("\r")
     assert redraws["StringIO"] == 2 and redraws["Terminal"] >= 6, redraws
+
+
+def test_importance_beta_anneals_from_beta0_to_one_over_the_whole_run(tmp_path):
+    """Schaul et al. 2016, Sec. 3.4: beta reaches 1 at the end of learning, whatever the run's length."""
+    trainer = Trainer(cartpole_config(tmp_path, "replay.prioritized=true", "replay.beta0=0.4", "train.frames=4000"),
+                      progress=False)
+    betas = []
+    for step in (0, trainer.total_steps // 2, trainer.total_steps, 2 * trainer.total_steps):
+        trainer.counters.agent_step = step
+        betas.append(trainer.importance_beta())
+    assert betas == pytest.approx([0.4, 0.7, 1.0, 1.0])

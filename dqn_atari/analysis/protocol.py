@@ -85,13 +85,18 @@ class Protocol:
     @property
     def start_type(self) -> str | None:
         """'sticky', 'noop', 'human' or None: what matters most when comparing with a paper."""
-        return "sticky" if self.sticky_p else self.start
+        if self.sticky_p:
+            return "sticky"
+        return "none" if self.noop_max == 0 and self.start in ("noop", None) else self.start
 
     def label(self) -> str:
-        """Short, table-header sized: 'nature2015: noop<=30, eval eps=0.05, cap 18k frames'."""
+        """Short, table-header sized: 'nature2015: noop 0-29 frames, eval eps=0.05, cap 18k frames' (ALE draws
+        0 to noop_max - 1 no-op frames at a reset; dqn_atari.envs.atari)."""
         parts = []
-        if self.start == "noop":
-            parts.append(f"noop<={self.noop_max}" if self.noop_max else "noop starts")
+        if self.start_type == "none":
+            parts.append("no random starts")
+        elif self.start == "noop":
+            parts.append(f"noop 0-{self.noop_max - 1} frames" if self.noop_max else "noop starts")
         elif self.start == "human":
             parts.append("human starts")
         if self.sticky_p:

@@ -139,7 +139,8 @@ PROTOCOLS: dict[str, AtariProtocol] = {
             "Mnih et al. 2015, Nature 518:529 (DQN), Methods and Extended Data Table 1: minimal action set, "
             "no sticky actions, 0-29 no-op frames at reset (paper: up to 30), action repeat 4 with a max "
             "over the last two frames, grayscale 84x84, 4-frame stack, life loss terminal during training, "
-            "rewards clipped to their sign; episodes capped at 108,000 frames (30 min)."
+            "rewards clipped to their sign; training episodes capped at 108,000 frames (30 min; evaluation "
+            "episodes at 18,000 = 5 min, the run's eval.max_episode_frames)."
         ),
         noop_max=30,  # Extended Data Table 1: no-op max 30 (frames; see the module docstring)
         frame_skip=4,  # Extended Data Table 1: action repeat 4
@@ -156,7 +157,8 @@ PROTOCOLS: dict[str, AtariProtocol] = {
             "Machado et al. 2018, JAIR 61:523 (Revisiting the ALE), recommended settings as in Dopamine's "
             "default: sticky actions p=0.25 as the only source of stochasticity (no no-op starts), full "
             "18-action set, no life-loss terminal, action repeat 4 with a max over the last two frames, "
-            "grayscale 84x84, 4-frame stack, rewards clipped for learning, episodes capped at 108,000 frames."
+            "grayscale 84x84, 4-frame stack, rewards clipped for learning, training and evaluation episodes "
+            "capped at 108,000 frames."
         ),
         # Machado et al. 2018 argue for sticky actions instead of no-op starts as the source of
         # stochasticity; Dopamine's atari_lib has no no-op starts either.

@@ -4,9 +4,8 @@ P(i) = p_i / sum_k p_k with p_i = (|delta_i| + eps)^alpha (Section 3.3, proporti
 transition enters with the largest priority seen so far (Algorithm 1, line 6; the first max is 1, line 2)
 so that every transition is replayed at least once. Importance-sampling weights
 w_i = (N * P(i))^-beta are normalised by the largest weight IN THE BATCH, as in Algorithm 1, line 10
-(w_j / max_i w_i over the sampled j); N is the number of samplable transitions. The trainer anneals beta
-from beta0 to 1 (Section 3.4) and passes the current value to `sample`; `beta_at(step)` is that linear
-schedule for convenience.
+(w_j / max_i w_i over the sampled j); N is the number of samplable transitions. Beta is the caller's: the
+trainer anneals it from replay.beta0 to 1 over the whole run (Section 3.4) and passes it to `sample`.
 
 Slots that cannot be sampled (final frames, incomplete n-step windows, stacks reaching overwritten frames)
 have priority 0 in the tree, so they are never drawn; a slot receives the max priority when it becomes
@@ -36,27 +35,20 @@ def _to_numpy(x: Any, dtype: Any) -> np.ndarray:
 class PrioritizedReplayBuffer(ReplayBuffer):
     """ReplayBuffer with proportional prioritized sampling; same `add`, `sample(batch_size, beta)`.
 
-    Defaults alpha=0.5, beta0=0.4 are Rainbow's (Hessel et al. 2018, Table 1: omega=0.5, beta 0.4 -> 1);
-    Schaul et al. 2016 used alpha=0.6, beta0=0.4 for their proportional variant (Section 4).
+    The default alpha=0.5 is Rainbow's (Hessel et al. 2018, Table 1: omega=0.5); Schaul et al. 2016 used 0.6
+    for their proportional variant (Section 4). The configs set it (ReplayConfig.alpha).
     """
 
     def __init__(
         self,
         *args: Any,
         alpha: float = 0.5,
-        beta0: float = 0.4,
-        # Anneal over the whole run: 200M frames = 50M agent steps at action repeat 4 (the Nature budget).
-        beta_steps: int = 50_000_000,
         eps: float = 1e-6,
         **kwargs: Any,
     ) -> None:
         if alpha < 0 or eps <= 0:
             raise ValueError(f"need alpha >= 0 and eps > 0, got alpha={alpha}, eps={eps}")
-        if not 0 <= beta0 <= 1 or beta_steps < 1:
-            raise ValueError(f"need 0 <= beta0 <= 1 and beta_steps >= 1, got beta0={beta0}, beta_steps={beta_steps}")
         self.alpha = float(alpha)
-        self.beta0 = float(beta0)
-        self.beta_steps = int(beta_steps)
         self.eps = float(eps)
         super().__init__(*args, **kwargs)
         self.tree = SumTree(self.ring.num_slots)
@@ -71,11 +63,6 @@ class PrioritizedReplayBuffer(ReplayBuffer):
     @property
     def nbytes(self) -> int:
         return super().nbytes + self.tree.nbytes
-
-    def beta_at(self, step: int) -> float:
-        """Linear anneal from beta0 to 1 over beta_steps agent steps (Schaul et al. 2016, Section 3.4)."""
-        frac = min(max(step, 0) / self.beta_steps, 1.0)
-        return self.beta0 + frac * (1.0 - self.beta0)
 
     def _on_validity_change(self, slots: np.ndarray, now_valid: np.ndarray) -> None:
         self.tree.set(slots, np.where(now_valid, self.max_priority, 0.0), unique=True)  # refresh slots are distinct
