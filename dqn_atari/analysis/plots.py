@@ -172,6 +172,9 @@ def aggregate_over_frames(
     return out[0], out[1], out[2]
 
 
+NO_BAND = "; no band: a game has 1 run"  # legend note where stats.has_interval is False
+
+
 def plot_aggregate_hns(records: list[RunRecord], reference: Reference, out_dir: Path, reps: int = 500) -> list[Path]:
     """Median and IQM HNS over frames per (variant, protocol, budget), with stratified-bootstrap 95 % bands for
     the settings whose every game has at least 2 runs (stats.has_interval). Settings run on different games are
@@ -188,7 +191,7 @@ def plot_aggregate_hns(records: list[RunRecord], reference: Reference, out_dir: 
             point, low, high = aggregate_over_frames(grid, per_game, metric, reps, with_ci=with_ci)
             ax.plot(grid / 1e6, 100 * point, color=color, lw=2, marker="o" if grid.size < 5 else None,
                     label=f"{setting.name} ({setting.protocol.label()}; {len(keys)} games"
-                          f"{'' if with_ci else '; no band: a game has 1 run'})")
+                          f"{'' if with_ci else NO_BAND})")
             if with_ci:
                 ax.fill_between(grid / 1e6, 100 * low, 100 * high, color=color, alpha=0.2, lw=0)
     mixed = len(game_sets) > 1
@@ -282,7 +285,7 @@ def plot_performance_profiles(records: list[RunRecord], reference: Reference, ou
             profile, low, high = performance_profile(per_game, taus, reps=reps)
             with_ci = has_interval(per_game)
             ax.plot(taus, profile, color=color, lw=2, label=f"{setting.name} ({setting.protocol.label()}; "
-                    f"{len(keys)} games{'' if with_ci else '; no band: a game has 1 run'})")
+                    f"{len(keys)} games{'' if with_ci else NO_BAND})")
             if with_ci:
                 ax.fill_between(taus, low, high, color=color, alpha=0.2, lw=0)
     for ax, kind in zip(axes, SCORE_KINDS):

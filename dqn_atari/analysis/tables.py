@@ -215,12 +215,13 @@ def variant_table(
     paper = paper[paper["game_key"].isin(keys)]
     for (algorithm, protocol), rows in paper.groupby(["algorithm", "protocol"], sort=False):
         scores = rows.set_index("game_key")["score"]
-        header = _new_column(table, f"{algorithm}\n{parse_paper_protocol(protocol).label()}")
+        pp = parse_paper_protocol(protocol)
+        header = _new_column(table, f"{algorithm}\n{pp.label()}")
         table[header] = [fmt_value(scores[k]) if k in scores.index else "-" for k in keys]
         verdicts = [comparison_verdict(setting.protocol, sub.loc[sub["setting"] == setting, "frames_trained"].max(),
-                                       parse_paper_protocol(protocol)) for setting in settings]
+                                       pp) for setting in settings]
         best = ("; the paper reports its best snapshot: compare with our best-eval column"
-                if parse_paper_protocol(protocol).reporting == "best snapshot" else "")
+                if pp.reporting == "best snapshot" else "")
         notes.append(f"{algorithm}: protocol '{protocol}'; {'; '.join(verdicts)}{best}; "
                      f"source: {rows['source'].iloc[0]}")
     if paper.empty:
