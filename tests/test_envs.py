@@ -36,6 +36,7 @@ from dqn_atari.envs import (
     resolve_game,
 )
 from dqn_atari.envs.emulators import CxxNoopDraws
+from dqn_atari.envs.resize import AreaResize
 
 INFO_KEYS = {
     "raw_reward", "life_loss", "game_over", "episode_end", "episode_return",
@@ -171,6 +172,30 @@ def test_noop_draws_are_those_of_the_cxx_env() -> None:
     env.close()
     ours = [CxxNoopDraws(29, seed=int(s)) for s in seeds]
     np.testing.assert_array_equal(np.array(frames), [[d.draw() for d in ours] for _ in range(100)])
+
+
+@pytest.mark.parametrize(
+    "height, width, size, fast",
+    [(210, 160, 84, True), (210, 160, 64, True), (250, 160, 84, True), (210, 160, 160, True),
+     (210, 160, 210, False), (168, 168, 84, False)],  # enlarging, and 2x on both axes: cv2.resize itself
+)
+def test_area_resize_is_opencv_bit_for_bit(height: int, width: int, size: int, fast: bool) -> None:
+    """The in-process backend's pooled resize equals max-pool + cv2.resize(INTER_AREA) exactly, and leaves the
+    max in the newest screen; on random screens and on few-valued ones like Atari's (many exact halves)."""
+    rng = np.random.default_rng(size)
+    resize = AreaResize(height, width, size)
+    assert resize.exact_fast == fast
+    out = np.empty((size, size), np.uint8)
+    for k in range(200):
+        if k % 2:
+            newest = rng.integers(0, 256, (height, width), dtype=np.uint8)
+        else:
+            newest = (rng.integers(0, 3, (height, width)) * rng.integers(1, 128)).astype(np.uint8)
+        previous = rng.integers(0, 256, (height, width), dtype=np.uint8) if k % 3 else np.zeros_like(newest)
+        pooled = np.maximum(newest, previous)
+        resize(newest, previous, out)
+        np.testing.assert_array_equal(newest, pooled)
+        np.testing.assert_array_equal(out, cv2.resize(pooled, (size, size), interpolation=cv2.INTER_AREA))
 
 
 BACKEND_CASES = {  # game, envs, steps, overrides: no-op starts everywhere, frequent ROM reloads and episode ends

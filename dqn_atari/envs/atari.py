@@ -8,7 +8,8 @@ observations are uint8 arrays of shape ``(num_envs, 4, 84, 84)``, newest frame l
 2. the ALE grayscale screens (palette luminance, the paper's Y channel) of the last two of those frames
    are max-pooled pixel-wise, which removes the flicker of sprites drawn every other frame (Methods,
    preprocessing);
-3. the pooled 210x160 screen is resized to 84x84 with OpenCV's area interpolation (``cv2.INTER_AREA``);
+3. the pooled 210x160 screen is resized to 84x84 with OpenCV's area interpolation (``cv2.INTER_AREA``; one env
+   computes the same pixels with :mod:`dqn_atari.envs.resize`);
 4. the last ``frame_stack`` (4) such frames are stacked, oldest first (Methods: m = 4).
 
 Several envs run in C++ (``ale_py.vector_env.AtariVectorEnv``, one worker thread per env up to the cores); a
