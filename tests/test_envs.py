@@ -36,6 +36,7 @@ from dqn_atari.envs import (
     resolve_game,
 )
 from dqn_atari.envs.emulators import CxxNoopDraws
+from dqn_atari.envs import resize as resize_module
 from dqn_atari.envs.resize import AreaResize
 
 INFO_KEYS = {
@@ -184,7 +185,7 @@ def test_area_resize_is_opencv_bit_for_bit(height: int, width: int, size: int, f
     max in the newest screen; on random screens and on few-valued ones like Atari's (many exact halves)."""
     rng = np.random.default_rng(size)
     resize = AreaResize(height, width, size)
-    assert resize.exact_fast == fast
+    assert resize.exact_fast == (fast and resize_module.numba is not None)
     out = np.empty((size, size), np.uint8)
     for k in range(200):
         if k % 2:
@@ -196,6 +197,34 @@ def test_area_resize_is_opencv_bit_for_bit(height: int, width: int, size: int, f
         resize(newest, previous, out)
         np.testing.assert_array_equal(newest, pooled)
         np.testing.assert_array_equal(out, cv2.resize(pooled, (size, size), interpolation=cv2.INTER_AREA))
+    with pytest.raises(ValueError, match="shape"):  # compiled code does not check bounds: we do
+        resize(newest, previous, np.empty((size - 1, size), np.uint8))
+    with pytest.raises(ValueError, match="shape"):
+        resize(newest[:-1], previous[:-1], out)
+
+
+@pytest.mark.skipif(resize_module.numba is None, reason="numba not installed: cv2.resize is used anyway")
+def test_kernels_compile_where_numba_cannot_cache() -> None:
+    """numba refuses to cache a function it has no place to cache for (here: source without a file; also a
+    read-only install without a home directory); the kernels then compile without the disk cache."""
+    namespace: dict = {}
+    exec("def plus_one(x):\n    return x + 1", namespace)
+    with pytest.raises(RuntimeError, match="no locator"):
+        resize_module.numba.njit(cache=True)(namespace["plus_one"])
+    compiled = resize_module._compiled(namespace["plus_one"])
+    assert isinstance(compiled, resize_module.numba.core.registry.CPUDispatcher) and compiled(2) == 3
+
+
+@pytest.mark.skipif(resize_module.numba is None, reason="numba not installed: cv2.resize is used anyway")
+def test_area_resize_falls_back_to_opencv_if_it_differs() -> None:
+    """An AreaResize whose compiled path disagrees with cv2.resize (here: one tap weight off by one float32 ulp,
+    as an OpenCV with fused multiply-adds could be) is detected by its self-check; the fallback is cv2.resize."""
+    resize = AreaResize(210, 160, 84)
+    assert resize.agrees_with_opencv()
+    weight = resize.x_taps[1]
+    weight[5, 0] = np.nextafter(weight[5, 0], np.float32(1))
+    with pytest.warns(UserWarning, match="differs"):
+        assert not resize.agrees_with_opencv()
 
 
 BACKEND_CASES = {  # game, envs, steps, overrides: no-op starts everywhere, frequent ROM reloads and episode ends

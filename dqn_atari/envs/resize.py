@@ -19,25 +19,34 @@ vertical pass over the sums transposed back. Padding taps have weight 0 and add 
 Numba compiles without fast-math, so no fused multiply-add or reordering changes a bit. ``tests/test_envs.py``
 compares it with ``cv2.resize`` on random images and real screens; ratios OpenCV handles differently
 (enlarging, or whole-number ratios on both axes) go to ``cv2.resize`` itself, as does everything where numba
-is not installed.
+is not installed or cannot compile. Each :class:`AreaResize` also checks itself against ``cv2.resize`` when
+it is made, and uses ``cv2.resize`` (with a warning) if a pixel differs: an OpenCV build that fuses its
+multiply-adds (another processor, a later release) must not change the observations.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import cv2  # opencv-python-headless: ale-py's C++ env resizes with its own OpenCV
 import numpy as np
 
 try:
     import numba
-except ImportError:  # a dependency, but a machine without it (the lent GPU machines) still gets cv2.resize's pixels
-    numba = None
+except (ImportError, OSError):  # a dependency, but a machine without it (or with a broken llvmlite) still
+    numba = None  # gets cv2.resize's pixels
 
 
 def _compiled(function):
-    """Compiled by numba at first use (cached on disk), without fast-math: no reordering, no fused multiply-add."""
-    return numba.njit(cache=True, nogil=True)(function) if numba is not None else function
+    """Compiled by numba at first use, without fast-math: no reordering, no fused multiply-add. The machine code
+    is cached on disk where numba finds a writable place for it (else it compiles at each start, ~2 s)."""
+    if numba is None:
+        return function
+    try:
+        return numba.njit(cache=True, nogil=True)(function)
+    except RuntimeError:  # "cannot cache function ...: no locator available" (read-only install, no home)
+        return numba.njit(nogil=True)(function)
 
 
 def area_taps(source: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -97,24 +106,54 @@ class AreaResize:
 
     def __init__(self, height: int, width: int, size: int):
         self.size = size
+        self._shapes = ((height, width), (size, size))
         scale_y, scale_x = 1.0 / (size / height), 1.0 / (size / width)
         # OpenCV's general area path: shrinking on both axes, not by whole numbers on both.
         general = min(scale_x, scale_y) >= 1 and not (scale_x.is_integer() and scale_y.is_integer())
         self.exact_fast = general and numba is not None
-        self.x_taps, self.y_taps = area_taps(width, size), area_taps(height, size)
-        self._columns = np.empty((width, height), np.uint8)  # the pooled screen, transposed
-        self._column_sums = np.empty((size, height), np.float32)  # horizontal pass, transposed
-        self._row_sums = np.empty((height, size), np.float32)
-        self._pixels = np.empty((size, size), np.float32)
+        if self.exact_fast:
+            self.x_taps, self.y_taps = area_taps(width, size), area_taps(height, size)
+            self._columns = np.empty((width, height), np.uint8)  # the pooled screen, transposed
+            self._column_sums = np.empty((size, height), np.float32)  # horizontal pass, transposed
+            self._row_sums = np.empty((height, size), np.float32)
+            self._pixels = np.empty((size, size), np.float32)
+            self.exact_fast = self.agrees_with_opencv()
+
+    def agrees_with_opencv(self) -> bool:
+        """Whether the compiled path gives ``cv2.resize``'s pixels on a random screen and an Atari-like one
+        (few values: many exact halves, where a fused multiply-add would round differently). Warns if not."""
+        width, height = self._columns.shape
+        rng = np.random.default_rng(0)
+        screens = [rng.integers(0, 256, (height, width), dtype=np.uint8),
+                   (rng.integers(0, 3, (height, width)) * 37).astype(np.uint8)]
+        out = np.empty((self.size, self.size), np.uint8)
+        try:
+            for screen in screens:
+                expected = cv2.resize(screen, (self.size, self.size), interpolation=cv2.INTER_AREA)
+                self._exact(screen, out)
+                if not np.array_equal(out, expected):
+                    warnings.warn(f"dqn_atari.envs.resize: the compiled area resize differs from this OpenCV's "
+                                  f"({height}x{width} to {self.size}x{self.size}); using cv2.resize instead.")
+                    return False
+        except Exception as error:  # numba that cannot compile here: OpenCV's pixels, a little slower
+            warnings.warn(f"dqn_atari.envs.resize: numba failed ({type(error).__name__}: {error}); using cv2.resize.")
+            return False
+        return True
 
     def __call__(self, newest: np.ndarray, previous: np.ndarray, out: np.ndarray) -> None:
         """Write into ``out`` the resized pixel-wise max of the screens; the max is left in ``newest`` (as
         ale-py's ``maxpool_frames``: a step cut short by a game over pools it again with a stale screen)."""
+        if (newest.shape, out.shape) != self._shapes:  # the compiled code does not check bounds; cv2 would
+            raise ValueError(f"AreaResize: expected a screen of shape {self._shapes[0]} and an output of shape "
+                             f"{self._shapes[1]}; got {newest.shape} and {out.shape}")  # write to a new array
         np.maximum(newest, previous, out=newest)
-        if not self.exact_fast:
+        if self.exact_fast:
+            self._exact(newest, out)
+        else:
             cv2.resize(newest, (self.size, self.size), dst=out, interpolation=cv2.INTER_AREA)
-            return
-        cv2.transpose(newest, self._columns)
+
+    def _exact(self, screen: np.ndarray, out: np.ndarray) -> None:
+        cv2.transpose(screen, self._columns)
         _weighted_rows(self._columns, *self.x_taps, self._column_sums)
         cv2.transpose(self._column_sums, self._row_sums)
         _weighted_rows(self._row_sums, *self.y_taps, self._pixels)
