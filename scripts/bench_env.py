@@ -10,7 +10,7 @@ at game over, for:
 - ``raw_preprocessed``: the same bare emulator plus the least work the protocol asks of any pipeline, done
   the plain way in-process on one core: two grayscale screens, their pixel-wise max, ``cv2.resize`` (area, one
   OpenCV thread) to 84x84 and the stack shift. ``ours_1`` does the same work and more (episode bookkeeping),
-  but computes the resize with its own faster kernel (``dqn_atari.envs.resize``, the same pixels), so it can
+  but computes the resize with its own faster kernel (``dqn_atari.envs.screens``, the same pixels), so it can
   match or pass this;
 - ``ale_vector_1`` / ``ale_vector_N``: ale-py's ``AtariVectorEnv`` alone (to show our wrapper's overhead);
 - ``ours_1``: ``make_atari(game)`` with 1 env (in-process: the emulator and the preprocessing in this thread,

@@ -36,8 +36,8 @@ from dqn_atari.envs import (
     resolve_game,
 )
 from dqn_atari.envs.emulators import CxxNoopDraws
-from dqn_atari.envs import resize as resize_module
-from dqn_atari.envs.resize import AreaResize
+from dqn_atari.envs import screens as screens_module
+from dqn_atari.envs.screens import AreaResize, PaletteGrayscale
 
 INFO_KEYS = {
     "raw_reward", "life_loss", "game_over", "episode_end", "episode_return",
@@ -185,7 +185,7 @@ def test_area_resize_is_opencv_bit_for_bit(height: int, width: int, size: int, f
     max in the newest screen; on random screens and on few-valued ones like Atari's (many exact halves)."""
     rng = np.random.default_rng(size)
     resize = AreaResize(height, width, size)
-    assert resize.exact_fast == (fast and resize_module.numba is not None)
+    assert resize.exact_fast == (fast and screens_module.numba is not None)
     out = np.empty((size, size), np.uint8)
     for k in range(200):
         if k % 2:
@@ -203,19 +203,50 @@ def test_area_resize_is_opencv_bit_for_bit(height: int, width: int, size: int, f
         resize(newest[:-1], previous[:-1], out)
 
 
-@pytest.mark.skipif(resize_module.numba is None, reason="numba not installed: cv2.resize is used anyway")
+@pytest.mark.parametrize("game", ["Seaquest", "MsPacman"])
+def test_palette_grayscale_is_ales_grayscale(game: str) -> None:
+    """The learnt-palette grayscale equals ALE's getScreenGrayscale on every frame of random play (colours
+    appear as the game goes on), and finds a colour missing from its table (one entry forgotten) again."""
+    ale = ALEInterface()
+    ale.setLoggerMode(ale_py.LoggerMode.Error)
+    ale.loadROM(roms.get_rom_path(resolve_game(game)))
+    height, width = ale.getScreenDims()
+    grayscale = PaletteGrayscale(height, width)
+    assert grayscale.compiled == (screens_module.numba is not None)
+    actions, rng = ale.getMinimalActionSet(), np.random.default_rng(0)
+    out = np.empty((height, width), np.uint8)
+    for frame in range(1500):
+        ale.act(actions[rng.integers(len(actions))])
+        if ale.game_over():
+            ale.reset_game()
+        if frame == 1000:  # forget the most common colour but keep its pairs' entries consistent
+            common = np.bincount(ale.getScreen().ravel(), minlength=256).argmax()
+            grayscale.table[common] = -1
+            grayscale.learn(np.empty((0,), np.uint8), np.empty((0,), np.uint8))
+        grayscale(ale, out)
+        np.testing.assert_array_equal(out, ale.getScreenGrayscale(), err_msg=f"{game}: frame {frame}")
+        if frame == 1000 and grayscale.compiled:
+            assert grayscale.table[common] >= 0  # learnt again from ALE
+    seen = np.unique(ale.getScreen())
+    if grayscale.compiled:
+        assert (grayscale.table[seen] >= 0).all()
+        with pytest.raises(ValueError, match="shape"):
+            grayscale(ale, np.empty((height, width - 1), np.uint8))
+
+
+@pytest.mark.skipif(screens_module.numba is None, reason="numba not installed: cv2.resize is used anyway")
 def test_kernels_compile_where_numba_cannot_cache() -> None:
     """numba refuses to cache a function it has no place to cache for (here: source without a file; also a
     read-only install without a home directory); the kernels then compile without the disk cache."""
     namespace: dict = {}
     exec("def plus_one(x):\n    return x + 1", namespace)
     with pytest.raises(RuntimeError, match="no locator"):
-        resize_module.numba.njit(cache=True)(namespace["plus_one"])
-    compiled = resize_module._compiled(namespace["plus_one"])
-    assert isinstance(compiled, resize_module.numba.core.registry.CPUDispatcher) and compiled(2) == 3
+        screens_module.numba.njit(cache=True)(namespace["plus_one"])
+    compiled = screens_module._compiled(namespace["plus_one"])
+    assert isinstance(compiled, screens_module.numba.core.registry.CPUDispatcher) and compiled(2) == 3
 
 
-@pytest.mark.skipif(resize_module.numba is None, reason="numba not installed: cv2.resize is used anyway")
+@pytest.mark.skipif(screens_module.numba is None, reason="numba not installed: cv2.resize is used anyway")
 def test_area_resize_falls_back_to_opencv_if_it_differs() -> None:
     """An AreaResize whose compiled path disagrees with cv2.resize (here: one tap weight off by one float32 ulp,
     as an OpenCV with fused multiply-adds could be) is detected by its self-check; the fallback is cv2.resize."""

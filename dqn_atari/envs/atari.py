@@ -9,7 +9,7 @@ observations are uint8 arrays of shape ``(num_envs, 4, 84, 84)``, newest frame l
    are max-pooled pixel-wise, which removes the flicker of sprites drawn every other frame (Methods,
    preprocessing);
 3. the pooled 210x160 screen is resized to 84x84 with OpenCV's area interpolation (``cv2.INTER_AREA``; one env
-   computes the same pixels with :mod:`dqn_atari.envs.resize`);
+   computes the same pixels with :mod:`dqn_atari.envs.screens`);
 4. the last ``frame_stack`` (4) such frames are stacked, oldest first (Methods: m = 4).
 
 Several envs run in C++ (``ale_py.vector_env.AtariVectorEnv``, one worker thread per env up to the cores); a
@@ -285,12 +285,13 @@ class AtariEnv(VectorEnv):
         self.num_actions = len(self._emu.action_set)
         self.action_meanings = [a.name for a in self._emu.action_set]
         n = self.num_envs
+        self._max_frames = np.int64(protocol.max_episode_frames)
         self._frames_at_start = np.zeros(n, np.int64)  # ALE episode frame number right after the reset
-        # Since each env's last seeded reset ("segment"): the episode it started and the actions taken
-        # (row i, first segment_length[i] entries). The emulator state is a function of these.
+        # Since each env's last seeded reset ("segment"): the episode it started and the actions taken (a
+        # list per env: appending to it costs a quarter of a numpy write). The emulator state is a function
+        # of these.
         self._segment_episode = np.zeros(n, np.int64)
-        self._segment_length = np.zeros(n, np.int64)
-        self._actions = np.zeros((n, 1024), np.uint8)
+        self._actions: list[list[int]] = [[] for _ in range(n)]
 
     def _config(self) -> dict[str, Any]:
         config = super()._config()
@@ -316,15 +317,17 @@ class AtariEnv(VectorEnv):
     def _receive(self) -> tuple[np.ndarray, ...]:
         obs, reward, game_over, episode_frames, lives = self._require_open().recv()
         frames = episode_frames - self._frames_at_start
-        cap = frames >= self.protocol.max_episode_frames
+        cap = frames >= self._max_frames
         return obs, reward, game_over, cap, lives, frames
 
     # ----- backend interface ---------------------------------------------------------------------------
     def _backend_reset(self, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         everyone = np.ones(self.num_envs, bool)
-        seeded = everyone if mask is None else mask & (self._segment_length >= self.reseed_interval)
+        lengths = np.array([len(actions) for actions in self._actions])
+        seeded = everyone if mask is None else mask & (lengths >= self.reseed_interval)
         self._segment_episode[seeded] = self._episode_index[seeded]
-        self._segment_length[seeded] = 0
+        for i in np.flatnonzero(seeded):
+            self._actions[i] = []
         return self._reset_envs(mask, seeded)
 
     def _backend_step(self, actions: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -332,11 +335,8 @@ class AtariEnv(VectorEnv):
         return self._receive()
 
     def _backend_step_async(self, actions: np.ndarray) -> None:
-        length = self._segment_length
-        if length.max() >= self._actions.shape[1]:
-            self._actions = np.concatenate([self._actions, np.zeros_like(self._actions)], axis=1)
-        self._actions[np.arange(self.num_envs), length] = actions
-        self._segment_length += 1
+        for log, action in zip(self._actions, actions.tolist()):
+            log.append(action)
         self._require_open().send(actions)
 
     def _backend_step_wait(self) -> tuple[np.ndarray, ...]:
@@ -346,7 +346,7 @@ class AtariEnv(VectorEnv):
         assert self._obs is not None
         return {
             "segment_episode": self._segment_episode.tolist(),
-            "actions": [self._actions[i, :n].tolist() for i, n in enumerate(self._segment_length)],
+            "actions": [list(actions) for actions in self._actions],
             # Checksums of the current observations: load_state_dict verifies its replay against them.
             "obs_crc32": [zlib.crc32(self._obs[i].tobytes()) for i in range(self.num_envs)],
         }
@@ -363,13 +363,11 @@ class AtariEnv(VectorEnv):
         total = int(lengths.max())
         start = total - lengths
         schedule = np.zeros((self.num_envs, total), np.int64)
-        self._actions = np.zeros((self.num_envs, max(total + 1, self._actions.shape[1])), np.uint8)
         for i, acts in enumerate(actions):
             schedule[i, start[i] :] = acts
-            self._actions[i, : len(acts)] = acts
         if schedule.size and (schedule.min() < 0 or schedule.max() >= self.num_actions):
             raise ValueError(f"Env state has actions outside [0, {self.num_actions}) for {self.spec_name}.")
-        self._segment_length[:] = lengths
+        self._actions = [row[begin:].tolist() for row, begin in zip(schedule, start.tolist())]
         self._segment_episode[:] = state["segment_episode"]
 
         # _seeds() derives from _episode_index, so point it at each segment's first episode while replaying.
