@@ -35,6 +35,7 @@ from dqn_atari.envs import (
     maze_layout,
     resolve_game,
 )
+from dqn_atari.envs import emulators
 from dqn_atari.envs.emulators import CxxNoopDraws
 from dqn_atari.envs import screens as screens_module
 from dqn_atari.envs.screens import AreaResize, PaletteGrayscale
@@ -267,10 +268,15 @@ BACKEND_CASES = {  # game, envs, steps, overrides: no-op starts everywhere, freq
 }
 
 
+@pytest.mark.parametrize("resize_here", [True, False], ids=["python_resize", "cxx_resize"])
 @pytest.mark.parametrize("case", BACKEND_CASES)
-def test_inprocess_and_threaded_backends_give_the_same_episodes(case: str) -> None:
+def test_inprocess_and_threaded_backends_give_the_same_episodes(case: str, resize_here: bool, monkeypatch) -> None:
+    """Also with the threaded backend resizing in the C++ workers (as on machines of many cores)."""
     game, n, steps, kwargs = BACKEND_CASES[case]
+    if not resize_here:
+        monkeypatch.setattr(emulators, "RESIZE_HERE_MAX_WORKERS", 0)
     threaded = make_atari(game, num_envs=n, seed=7, backend="threaded", **kwargs)
+    assert threaded._emu.resize_here == (resize_here and screens_module.numba is not None)
     inprocess = make_atari(game, num_envs=n, seed=7, backend="inprocess", **kwargs)
     np.testing.assert_array_equal(threaded.reset()[0], inprocess.reset()[0])
     rng = np.random.default_rng(1)

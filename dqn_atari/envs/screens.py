@@ -206,14 +206,18 @@ class AreaResize:
     def __call__(self, newest: np.ndarray, previous: np.ndarray, out: np.ndarray) -> None:
         """Write into ``out`` the resized pixel-wise max of the screens; the max is left in ``newest`` (as
         ale-py's ``maxpool_frames``: a step cut short by a game over pools it again with a stale screen)."""
-        if (newest.shape, out.shape) != self._shapes:  # the compiled code does not check bounds; cv2 would
-            raise ValueError(f"AreaResize: expected a screen of shape {self._shapes[0]} and an output of shape "
-                             f"{self._shapes[1]}; got {newest.shape} and {out.shape}")  # write to a new array
         np.maximum(newest, previous, out=newest)
+        self.resize(newest, out)
+
+    def resize(self, screen: np.ndarray, out: np.ndarray) -> None:
+        """Write into ``out`` the area resize of ``screen``."""
+        if (screen.shape, out.shape) != self._shapes:  # the compiled code does not check bounds; cv2 would
+            raise ValueError(f"AreaResize: expected a screen of shape {self._shapes[0]} and an output of shape "
+                             f"{self._shapes[1]}; got {screen.shape} and {out.shape}")  # write to a new array
         if self.exact_fast:
-            self._exact(newest, out)
+            self._exact(screen, out)
         else:
-            cv2.resize(newest, (self.size, self.size), dst=out, interpolation=cv2.INTER_AREA)
+            cv2.resize(screen, (self.size, self.size), dst=out, interpolation=cv2.INTER_AREA)
 
     def _exact(self, screen: np.ndarray, out: np.ndarray) -> None:
         cv2.transpose(screen, self._columns)
