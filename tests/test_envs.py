@@ -268,6 +268,24 @@ BACKEND_CASES = {  # game, envs, steps, overrides: no-op starts everywhere, freq
 }
 
 
+@pytest.mark.skipif(screens_module.numba is None, reason="numba not installed: ale-py resizes")
+def test_threaded_python_resize_follows_cxx_restarts_on_truncation() -> None:
+    """The threaded backend's own stacks restart where the C++ env restarts an env by itself (its NextStep
+    autoreset, here after its own frame cap, which AtariEnv never lets it reach): equal to the C++ stacks."""
+    assert emulators.resize_agrees_with_ale("pong", 84)
+    protocol = get_protocol("nature2015", noop_max=0)
+    ours = emulators.Threaded("pong", 1, protocol, 1, max_frames=40)
+    cxx = AtariVectorEnv("pong", 1, num_threads=1, max_num_frames_per_episode=40, noop_max=0, use_fire_reset=False,
+                         reward_clipping=False)
+    assert ours.resize_here
+    np.testing.assert_array_equal(ours.reset(np.zeros(1, np.int64), None)[0], cxx.reset(seed=np.zeros(1, np.int64))[0])
+    for t in range(30):  # 10 steps of 4 frames reach the cap: restarts at steps 10, 21
+        ours.send(np.array([t % 3]))
+        np.testing.assert_array_equal(ours.recv()[0], cxx.step(np.array([t % 3]))[0], err_msg=f"step {t}")
+    ours.close()
+    cxx.close()
+
+
 @pytest.mark.parametrize("resize_here", [True, False], ids=["python_resize", "cxx_resize"])
 @pytest.mark.parametrize("case", BACKEND_CASES)
 def test_inprocess_and_threaded_backends_give_the_same_episodes(case: str, resize_here: bool, monkeypatch) -> None:

@@ -21,7 +21,9 @@ OpenCV compute them, in about half their time.
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -77,18 +79,46 @@ SCREEN = (210, 160)
 RESIZE_HERE_MAX_WORKERS = 3
 
 
+@functools.cache
+def resize_agrees_with_ale(game: str, size: int) -> bool:
+    """Whether :class:`AreaResize` gives the pixels of ale-py's own OpenCV (linked into ale-py, not the pip
+    ``cv2`` that AreaResize checks itself against): 30 steps of one env at full size and at ``size`` from the
+    same seed, compared frame by frame. Once per process and game (~0.1 s)."""
+    resize = AreaResize(*SCREEN, size)
+    kwargs = dict(num_threads=1, noop_max=0, use_fire_reset=False, reward_clipping=False, stack_num=1)
+    full = AtariVectorEnv(game, 1, img_height=SCREEN[0], img_width=SCREEN[1], **kwargs)
+    small = AtariVectorEnv(game, 1, img_height=size, img_width=size, **kwargs)
+    try:
+        screens, frames = full.reset(seed=0)[0], small.reset(seed=0)[0]
+        out = np.empty((size, size), np.uint8)
+        for action in np.random.default_rng(0).integers(0, full.single_action_space.n, 30):
+            resize.resize(screens[0, 0], out)
+            if not np.array_equal(out, frames[0, 0]):
+                warnings.warn(f"dqn_atari.envs.emulators: this ale-py's OpenCV resizes {game} differently from "
+                              f"cv2; the threaded backend lets ale-py resize.")
+                return False
+            screens, frames = full.step(np.array([action]))[0], small.step(np.array([action]))[0]
+    finally:
+        full.close()
+        small.close()
+    return True
+
+
 class Threaded:
     """ale-py's ``AtariVectorEnv`` (C++ worker threads) behind the small interface AtariEnv uses.
 
-    On a machine of few cores the workers return the pooled grayscale screens at full size (OpenCV's resize
-    of a screen to its own size is a copy) and the calling thread resizes them with :class:`AreaResize`,
-    the same pixels in a quarter of the time, and stacks them as the C++ env does (zeros after a reset): with
-    two cores, 8 envs step ~7 % faster. Elsewhere (more workers, or no numba) the C++ env does it all."""
+    With at most :data:`RESIZE_HERE_MAX_WORKERS` workers at once (few cores or few envs), the workers return
+    the pooled grayscale screens at full size (ale-py then copies instead of resizing) and the calling thread
+    resizes them with :class:`AreaResize`, the same pixels in a quarter of the time, and stacks them as the
+    C++ env does (zeros after a reset): with two cores, 8 envs step ~7 % faster. Elsewhere (more workers, no
+    numba, or an ale-py whose own OpenCV computes other pixels: :func:`resize_agrees_with_ale`) the C++ env
+    does it all."""
 
     def __init__(self, game: str, num_envs: int, protocol: Any, num_threads: int, max_frames: int):
-        self.resize = AreaResize(*SCREEN, protocol.screen_size)
-        workers = min(num_threads, os.cpu_count() or 1)
-        self.resize_here = self.resize.exact_fast and workers <= RESIZE_HERE_MAX_WORKERS
+        self.resize_here = False
+        if min(num_threads, os.cpu_count() or 1) <= RESIZE_HERE_MAX_WORKERS:
+            self.resize = AreaResize(*SCREEN, protocol.screen_size)
+            self.resize_here = self.resize.exact_fast and resize_agrees_with_ale(game, protocol.screen_size)
         size = SCREEN if self.resize_here else (protocol.screen_size, protocol.screen_size)
         self._env = AtariVectorEnv(
             game, num_envs, num_threads=num_threads, max_num_frames_per_episode=max_frames,
@@ -101,7 +131,7 @@ class Threaded:
         self._strength = np.ones(num_envs, np.float32)  # full paddle strength, as AtariVectorEnv.step
         self.action_set = list(self._env.ale.get_action_set())
         self.stack = np.zeros((num_envs, protocol.frame_stack, protocol.screen_size, protocol.screen_size), np.uint8)
-        # Envs whose game ended at the last step: the C++ env restarts them at their next one (NextStep
+        # Envs whose episode ended at the last step: the C++ env restarts them at their next one (NextStep
         # autoreset), unless reset first (AtariEnv always does, and it truncates before the C++ env would).
         self._restart = np.zeros(num_envs, bool)
 
@@ -137,9 +167,9 @@ class Threaded:
 
     def recv(self) -> tuple[np.ndarray, ...]:
         """obs, raw reward, game over, episode frame number and lives of every env."""
-        obs, reward, game_over, _, info = self._env.ale.recv()
+        obs, reward, game_over, truncated, info = self._env.ale.recv()
         obs = self._stacked(obs, np.ones(len(self.stack), bool), self._restart)
-        self._restart = game_over.astype(bool)
+        self._restart = game_over | truncated  # is_episode_over(): the C++ env restarts these at their next step
         return obs, reward, game_over, info["episode_frame_number"], info["lives"]
 
     def close(self) -> None:
