@@ -285,7 +285,6 @@ class AtariEnv(VectorEnv):
         self.num_actions = len(self._emu.action_set)
         self.action_meanings = [a.name for a in self._emu.action_set]
         n = self.num_envs
-        self._max_frames = np.int64(protocol.max_episode_frames)
         self._frames_at_start = np.zeros(n, np.int64)  # ALE episode frame number right after the reset
         # Since each env's last seeded reset ("segment"): the episode it started and the actions taken (a
         # list per env: appending to it costs a quarter of a numpy write). The emulator state is a function
@@ -317,7 +316,7 @@ class AtariEnv(VectorEnv):
     def _receive(self) -> tuple[np.ndarray, ...]:
         obs, reward, game_over, episode_frames, lives = self._require_open().recv()
         frames = episode_frames - self._frames_at_start
-        cap = frames >= self._max_frames
+        cap = frames >= self.protocol.max_episode_frames
         return obs, reward, game_over, cap, lives, frames
 
     # ----- backend interface ---------------------------------------------------------------------------

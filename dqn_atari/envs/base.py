@@ -284,7 +284,7 @@ class VectorEnv(ABC):
         values = actions.tolist()  # min and max of a list: a tenth of numpy's reductions on a few actions
         if min(values) < 0 or max(values) >= self.num_actions:
             raise ValueError(
-                f"actions must lie in [0, {self.num_actions}) for {self.spec_name}, got {actions.tolist()}."
+                f"actions must lie in [0, {self.num_actions}) for {self.spec_name}, got {values}."
             )
         return actions.astype(np.int64, copy=False)
 
