@@ -268,9 +268,9 @@ class Config:
     torch_threads: int = 0
     """Intra-op CPU threads for torch (0: torch's default). 1 avoids thread thrashing on small CPUs."""
     compile: bool = False
-    """Run the learning update (loss, backward, optimizer step) through torch.compile. Same algorithm, same
-    batches; floats agree with the eager update to rounding only. Costs ~20 s of compiling at the start of
-    a process (~4 s once it is in inductor's disk cache) and, on CPU, needs a C++ compiler. See README, Speed."""
+    """Run the learning update (loss, backward, optimizer step) and the greedy action through torch.compile. Same
+    algorithm, same batches; floats agree with eager mode to rounding only. Costs ~20 s of compiling at the start
+    of a process (~4 s once it is in inductor's disk cache) and, on CPU, needs a C++ compiler. See README, Speed."""
     cuda_graph: bool = False
     """CUDA only: run the update and the greedy action (for K runs in one process, their batched ones) as
     captured CUDA graphs (dqn_atari.cuda_graphs), which skips Python's ~120 kernel launches per update. The

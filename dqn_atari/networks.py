@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dqn_atari import cpu_linear
+
 HEADS = ("q", "c51", "qr", "iqn")
 TORSOS = ("nature_cnn", "mlp")
 
@@ -43,6 +45,19 @@ class NetOut(NamedTuple):
 # ----------------------------------------------------------------------------------------------------------
 # Building blocks
 # ----------------------------------------------------------------------------------------------------------
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (the same parameters, initialisation and state_dict) whose products, for a large layer on CPU,
+    go through oneDNN instead of torch's BLAS: ~2x faster on AMD processors, the same float32 products up to the
+    order of the sums (dqn_atari.cpu_linear)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features)
+        self.onednn = cpu_linear.worth_it(in_features, out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return cpu_linear.linear(x, self.weight, self.bias, self.onednn)
 
 
 class NoisyLinear(nn.Module):
@@ -72,6 +87,7 @@ class NoisyLinear(nn.Module):
         self.register_buffer("eps_in", torch.zeros(in_features))  # f(eps_in)
         self.register_buffer("eps_out", torch.zeros(out_features))  # f(eps_out), also the bias noise
         self.noise_enabled = True
+        self.onednn = cpu_linear.worth_it(in_features, out_features)  # see Linear
         self.reset_parameters()
         self.reset_noise()
 
@@ -104,15 +120,18 @@ class NoisyLinear(nn.Module):
     factorised_max_rows = 64
 
     def forward(self, x: Tensor) -> Tensor:
+        def linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+            return cpu_linear.linear(x, weight, bias, self.onednn)
+
         if not self.noise_enabled:
-            return F.linear(x, self.weight_mu, self.bias_mu)
+            return linear(x, self.weight_mu, self.bias_mu)
         if x.numel() <= self.factorised_max_rows * self.in_features:
             # (sigma_w * f_out f_in^T) x = f_out * (sigma_w (f_in * x))
-            noise = F.linear(x * self.eps_in, self.weight_sigma, self.bias_sigma) * self.eps_out
-            return F.linear(x, self.weight_mu, self.bias_mu) + noise
+            noise = linear(x * self.eps_in, self.weight_sigma, self.bias_sigma) * self.eps_out
+            return linear(x, self.weight_mu, self.bias_mu) + noise
         weight = self.weight_mu + self.weight_sigma * self.weight_epsilon
         bias = self.bias_mu + self.bias_sigma * self.eps_out
-        return F.linear(x, weight, bias)
+        return linear(x, weight, bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, sigma0={self.sigma0}"
@@ -165,7 +184,7 @@ class NatureCNN(nn.Module):
 def _mlp(sizes: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Flatten()]
     for n_in, n_out in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+        layers += [Linear(n_in, n_out), nn.ReLU()]
     return nn.Sequential(*layers)
 
 
@@ -175,7 +194,7 @@ def _stream(in_features: int, hidden: int, out_features: int, noisy: bool, sigma
     (Fortunato et al. 2018, Sec. 3.1: the fully connected layers become noisy; the conv layers do not)."""
 
     def linear(n_in: int, n_out: int) -> nn.Module:
-        return NoisyLinear(n_in, n_out, sigma0) if noisy else nn.Linear(n_in, n_out)
+        return NoisyLinear(n_in, n_out, sigma0) if noisy else Linear(n_in, n_out)
 
     return nn.Sequential(linear(in_features, hidden), nn.ReLU(), linear(hidden, out_features))
 
@@ -188,7 +207,7 @@ class CosineTauEmbedding(nn.Module):
     def __init__(self, embedding_dim: int, out_features: int):
         super().__init__()
         self.register_buffer("i_pi", torch.arange(embedding_dim, dtype=torch.float32) * math.pi)
-        self.linear = nn.Linear(embedding_dim, out_features)
+        self.linear = Linear(embedding_dim, out_features)
 
     def forward(self, taus: Tensor) -> Tensor:  # (B, T) -> (B, T, out_features)
         return F.relu(self.linear(torch.cos(taus.unsqueeze(-1) * self.i_pi)))

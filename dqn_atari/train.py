@@ -282,7 +282,8 @@ class Trainer:
             capacity=cfg.replay.capacity, num_envs=self.env.num_envs, frame_shape=obs_shape[1:],
             frame_dtype=self.env.obs_dtype, stack=obs_shape[0], n_step=cfg.agent.n_step,
             discount=cfg.agent.discount, seed=int(np.random.SeedSequence([cfg.seed, 0x4E9]).generate_state(1)[0]),
-            device=self.device if cfg.replay.on_device else None, **replay_kwargs)
+            device=self.device if cfg.replay.on_device else None, channels_last=self.device.type == "cpu",
+            **replay_kwargs)
         self.agent = Agent(cfg, obs_shape, self.env.num_actions, self.device)
         # torch's global RNG (network init above; noise resets and IQN's quantile fractions later) is this run's
         # own stream, kept here so that K runs in one process each have theirs (see torch_random).

@@ -217,8 +217,10 @@ def cleanrl(root: Path, python: str, game: str, steps: int, capacity: int, devic
         raise SystemExit(f"--cleanrl {root}: no cleanrl/dqn_atari.py there; give the root of a CleanRL checkout.")
     if warm % 100 or steps % 100:
         raise SystemExit("--cleanrl needs --warm and --steps in multiples of 100 (CleanRL prints every 100 steps).")
+    # --end-e 0.1: epsilon 0.1 in the timed steps, as in our loops (Nature's final epsilon; CleanRL's default, 0.01,
+    # would skip the network on fewer steps). Its decay, over the first 10 % of its steps, is over by then.
     argv = ["--env-id", f"{display_name(resolve_game(game))}NoFrameskip-v4", "--total-timesteps", str(2 * warm + steps + 100),
-            "--learning-starts", str(warm), "--buffer-size", str(capacity)]
+            "--learning-starts", str(warm), "--buffer-size", str(capacity), "--end-e", "0.1"]
     if resolve_device(device).type == "cpu":
         argv.append("--no-cuda")
     # ale-py >= 0.9 registers its gymnasium envs on import; CleanRL's script does not import it itself.

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dqn_atari.agent import Agent, NatureRMSprop
+from dqn_atari.agent import Agent, NatureRMSprop, greedy_actions
 from dqn_atari.config import load_config
 
 
@@ -125,6 +125,27 @@ def test_compiled_update_follows_the_eager_one(variant):
         torch.testing.assert_close(p_compiled, p_eager, rtol=1e-4, atol=1e-6)
     assert torch.equal(rng_states[0], rng_states[1])
     assert any(not torch.equal(p, q) for p, q in zip(agents[0].online.parameters(), agents[0].target.parameters()))
+
+
+@pytest.mark.parametrize("variant", ["nature_dqn", "iqn"])
+def test_compiled_acting_follows_the_eager_one(variant):
+    """compile=true also compiles the greedy action: the same actions as the eager network for one env and for a
+    batch, and IQN's quantile fractions drawn from torch's generator as in eager mode."""
+    cfg = load_config(f"configs/{variant}.yaml", ["device=cpu", "compile=true"])
+    torch.manual_seed(0)
+    agent = Agent(cfg, (4, 84, 84), num_actions=6)
+    assert agent._greedy_actions is not greedy_actions
+    rng = np.random.default_rng(0)
+    for n in (1, 5, 5):
+        obs = rng.integers(0, 256, (n, 4, 84, 84), dtype=np.uint8)
+        torch.manual_seed(n)
+        compiled = agent.greedy(obs)
+        compiled_rng = torch.get_rng_state()
+        torch.manual_seed(n)
+        with torch.no_grad():
+            eager = greedy_actions(agent.online, agent._frames(torch.as_tensor(obs))).numpy()
+        np.testing.assert_array_equal(compiled, eager)
+        assert torch.equal(compiled_rng, torch.get_rng_state())
 
 
 def test_compile_without_a_cxx_compiler_is_a_clear_error(monkeypatch):

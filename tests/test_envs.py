@@ -37,6 +37,7 @@ from dqn_atari.envs import (
 )
 from dqn_atari.envs import emulators
 from dqn_atari.envs.emulators import CxxNoopDraws
+from dqn_atari import jit
 from dqn_atari.envs import screens as screens_module
 from dqn_atari.envs.screens import AreaResize, PaletteGrayscale
 
@@ -243,7 +244,7 @@ def test_kernels_compile_where_numba_cannot_cache() -> None:
     exec("def plus_one(x):\n    return x + 1", namespace)
     with pytest.raises(RuntimeError, match="no locator"):
         screens_module.numba.njit(cache=True)(namespace["plus_one"])
-    compiled = screens_module._compiled(namespace["plus_one"])
+    compiled = jit.compiled(namespace["plus_one"])
     assert isinstance(compiled, screens_module.numba.core.registry.CPUDispatcher) and compiled(2) == 3
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dqn_atari.networks import NoisyLinear, build_network
+from dqn_atari import cpu_linear
+from dqn_atari.networks import Linear, NoisyLinear, build_network
 
 ATARI = (4, 84, 84)
 OBS_MLP = (1, 6)
@@ -313,3 +314,57 @@ def test_reset_noise_is_a_no_op_without_noisy_layers():
     net.reset_noise()
     net.set_noise(False)
     torch.testing.assert_close(net(x).q, q)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Large linear layers on CPU: oneDNN's product (dqn_atari.cpu_linear)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_large_linear_layers_take_onednn_and_compute_what_f_linear_does():
+    """The Nature head's 3136 -> 512 layer (plain, dueling, noisy) goes through oneDNN where torch has it; forward and
+    both gradients equal F.linear's to float32 rounding, and torch's FLOP counter counts it as a matrix product."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if torch.backends.mkldnn.is_available():
+        assert cpu_linear.usable()
+    net = build_network(ATARI, 6, dueling=True)
+    noisy = build_network(ATARI, 6, noisy=True)
+    big = [net.out_stream[0], net.value_stream[0], noisy.out_stream[0]]
+    assert all(layer.onednn == cpu_linear.usable() for layer in big)
+    assert not net.out_stream[2].onednn and not net.value_stream[2].onednn  # 512 -> 6: F.linear
+    layer = net.out_stream[0]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 3136, generator=g, requires_grad=True)
+    upstream = torch.randn(32, 512, generator=g)
+    ours = layer(x)
+    ours_grads = torch.autograd.grad(ours, (x, layer.weight, layer.bias), upstream)
+    plain = F.linear(x, layer.weight, layer.bias)
+    plain_grads = torch.autograd.grad(plain, (x, layer.weight, layer.bias), upstream)
+    for a, b in zip((ours, *ours_grads), (plain, *plain_grads)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with FlopCounterMode(display=False) as counter:  # forward, and the backward's two products
+        layer(x).backward(upstream)
+    assert counter.get_total_flops() == 3 * 2 * 32 * 3136 * 512
+
+
+def test_onednn_linear_under_vmap_gives_each_slice_what_it_gives_alone():
+    """K runs trained together (vmap over stacked weights and batches, with gradients) get, per run, the product
+    the run gets alone, bit for bit."""
+    from torch.func import grad, vmap
+
+    layer = Linear(3136, 512)
+    if not layer.onednn:
+        pytest.skip("oneDNN's product is not usable here")
+    g = torch.Generator().manual_seed(1)
+    weights, biases = torch.randn(3, 512, 3136, generator=g), torch.randn(3, 512, generator=g)
+    xs = torch.randn(3, 8, 3136, generator=g)
+
+    def loss(w, b, x):
+        return cpu_linear.linear(x, w, b, True).square().sum()
+
+    together = vmap(grad(loss, argnums=(0, 1)))(weights, biases, xs)
+    for k in range(3):
+        alone = grad(loss, argnums=(0, 1))(weights[k], biases[k], xs[k])
+        for t, a in zip(together, alone):
+            assert torch.equal(t[k], a)

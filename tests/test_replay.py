@@ -26,7 +26,7 @@ from dqn_atari.replay import (
     SumTree,
     available_memory_bytes,
 )
-from dqn_atari.replay import storage
+from dqn_atari.replay import ring as ring_module, storage
 
 GAMMA = 0.9
 FRAME = (3, 4)  # 12 random bytes per frame: two different frames are never equal by chance
@@ -217,6 +217,28 @@ def test_torch_store_gives_same_samples_as_numpy_store():
         td = np.random.default_rng(0).random(32)
         np_per.update_priorities(a.indices, td)
         pt_per.update_priorities(b.indices, torch.from_numpy(td))
+
+
+@pytest.mark.parametrize("stack", [4, 2])
+def test_channels_last_batches_hold_the_same_frames(stack):
+    """channels_last=True: the same samples, and four-frame uint8 stacks laid out channels-last (where numba can
+    compile the gather); other stacks keep the plain layout. The prioritized replay's batches go the same way."""
+    kwargs = dict(capacity=120, num_envs=2, frame_shape=FRAME, stack=stack, n_step=3, discount=GAMMA, seed=5)
+    pairs = [(ReplayBuffer(**kwargs), ReplayBuffer(**kwargs, channels_last=True)),
+             (PrioritizedReplayBuffer(**kwargs), PrioritizedReplayBuffer(**kwargs, channels_last=True))]
+    for step in random_stream(np.random.default_rng(9), 2, steps=300):
+        for buf in (b for pair in pairs for b in pair):
+            buf.add(*step)
+    interleaved = stack == 4 and ring_module._interleave_works()
+    assert interleaved == (stack == 4 and ring_module.numba is not None)  # numba here compiles the gather
+    for plain, wide in pairs:
+        args = (32,) if type(plain) is ReplayBuffer else (32, 0.5)
+        a, b = plain.sample(*args), wide.sample(*args)
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+        for frames in (b.obs_tm1, b.obs_t):
+            assert torch.as_tensor(frames).is_contiguous(memory_format=torch.channels_last) == interleaved
+            assert frames.flags.c_contiguous != interleaved
 
 
 def test_numpy_save_loads_into_torch_store(tmp_path):

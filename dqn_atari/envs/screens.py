@@ -43,21 +43,7 @@ from typing import Any
 import cv2  # opencv-python-headless: ale-py's C++ env resizes with its own OpenCV
 import numpy as np
 
-try:
-    import numba
-except (ImportError, OSError):  # a dependency, but a machine without it (or with a broken llvmlite) still
-    numba = None  # gets cv2.resize's pixels
-
-
-def _compiled(function):
-    """Compiled by numba at first use, without fast-math: no reordering, no fused multiply-add. The machine code
-    is cached on disk where numba finds a writable place for it (else it compiles at each start, ~2 s)."""
-    if numba is None:
-        return function
-    try:
-        return numba.njit(cache=True, nogil=True)(function)
-    except RuntimeError:  # "cannot cache function ...: no locator available" (read-only install, no home)
-        return numba.njit(nogil=True)(function)
+from dqn_atari.jit import compiled, numba
 
 
 def area_taps(source: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -90,7 +76,7 @@ def area_taps(source: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     return index, weight
 
 
-@_compiled
+@compiled
 def _weighted_rows(rows: np.ndarray, index: np.ndarray, weight: np.ndarray, out: np.ndarray) -> None:
     """``out[d] = rows[index[d, 0]] * weight[d, 0] + rows[index[d, 1]] * weight[d, 1] + ...``, left to right."""
     for d in range(out.shape[0]):
@@ -104,7 +90,7 @@ def _weighted_rows(rows: np.ndarray, index: np.ndarray, weight: np.ndarray, out:
                 acc[j] += np.float32(source[j]) * w
 
 
-@_compiled
+@compiled
 def _round_to_uint8(values: np.ndarray, out: np.ndarray) -> None:
     """OpenCV's ``saturate_cast<uchar>(float)`` of non-negative values: round half to even, at most 255."""
     for i in range(values.shape[0]):
@@ -112,7 +98,7 @@ def _round_to_uint8(values: np.ndarray, out: np.ndarray) -> None:
             out[i, j] = np.uint8(min(np.rint(values[i, j]), np.float32(255.0)))
 
 
-@_compiled
+@compiled
 def _palette_lookup(indices: np.ndarray, pair_table: np.ndarray, out: np.ndarray) -> bool:
     """``out = table[indices]`` two pixels at a time, for C-contiguous uint8 screens of an even number of pixels:
     ``pair_table[a | b << 8] = table[a] | table[b] << 8``. False if a pair has no entry (-1) yet."""

@@ -42,7 +42,9 @@ class ReplayBuffer:
     Capacity is split evenly into `num_envs` rings of `capacity // num_envs` slots each (any remainder is
     unused); a slot holds one frame, so an episode costs one slot per step plus one for its final frame.
     `device=None` keeps the store in NumPy; `device="cuda"` or `"cpu"` keeps the frames in a torch tensor
-    there and returns torch tensors, with exactly the same samples for the same seed.
+    there and returns torch tensors, with exactly the same samples for the same seed. `channels_last=True`
+    asks for image batches in channels-last memory order (the layout of CPU convolutions; see
+    `FrameRing.gather`): the same values, with other strides where that is cheap.
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class ReplayBuffer:
         seed: int = 0,
         device: Any = None,
         chunk_slots: int = 65_536,
+        channels_last: bool = False,
     ) -> None:
         if chunk_slots < 1:
             raise ValueError(f"chunk_slots must be >= 1, got {chunk_slots}")
@@ -64,6 +67,7 @@ class ReplayBuffer:
         self.num_envs = int(num_envs)
         self.device = device
         self.chunk_slots = int(chunk_slots)
+        self.channels_last = bool(channels_last)
         self.ring = FrameRing(
             capacity, num_envs, frame_shape, frame_dtype, stack, n_step, discount, device,
             extra_bytes_per_slot=self._extra_bytes_per_slot(),
@@ -211,7 +215,8 @@ class ReplayBuffer:
     def _batch(self, slots: np.ndarray, weights: np.ndarray | None) -> Batch:
         ring = self.ring
         # The ring's sample cache holds each samplable slot's frame ids, n-step return and discount.
-        frames = ring.gather(ring.obs_slots[slots].transpose(1, 0, 2))  # one gather; obs_tm1, obs_t contiguous
+        # One gather for obs_tm1 and obs_t.
+        frames = ring.gather(ring.obs_slots[slots].transpose(1, 0, 2), channels_last=self.channels_last)
         if weights is None:
             weights = np.ones(slots.size, dtype=np.float32)
         fields = (ring.action[slots].astype(np.int64), ring.nstep_return[slots], ring.nstep_discount[slots], slots, weights)
