@@ -20,9 +20,8 @@ CleanRL pins gymnasium 0.29 and ale-py 0.8; ale-py 0.9 also works with it and sh
     python3 -m venv cr && cr/bin/pip install torch gymnasium==0.29.1 ale-py==0.9.0 tyro tensorboard opencv-python
     python scripts/bench_train.py --cleanrl path/to/cleanrl --cleanrl-python cr/bin/python
 
-The update's floating-point work is counted (torch's FLOP counter) and set against this machine's dense
-matrix-product rate, timed after each timed update: how close the update's convolutions run to what the
-processor can do.
+The update's floating-point work is counted (torch's FLOP counter) and set against the rate of torch's own
+dense matrix product on this machine, timed after each timed update (see matmul_timer for what that rate is).
 
 (c) trains seeds 1..K of the same config together (dqn_atari.agent_group): one batched network evaluation
 for acting and one batched update per training step, each run still one batch of 32 every 4 of its steps.
@@ -126,8 +125,9 @@ def update_gflop(trainer: Trainer) -> float:
 
 def matmul_timer(device: torch.device):
     """A function that times dense float32 matrix products on ``device`` and returns their rate in GFLOP/s: on
-    CPU one 1024 x 1024 product, about the rate the update's convolutions and matrix products could reach at
-    best on the threads torch uses. On a GPU, 5 products of 4096 x 4096 between synchronisations (a small one
+    CPU one 1024 x 1024 ``torch.mm`` on the threads torch uses, i.e. torch's BLAS (MKL). On an AMD processor MKL
+    runs AVX2 code, while oneDNN (the convolutions, and our large linear layers: dqn_atari.cpu_linear) runs
+    AVX-512 code, so there the update's rate can exceed this one. On a GPU, 5 products of 4096 x 4096 between synchronisations (a small one
     would time its launch); there cuDNN may run the convolutions in TF32, which this product does not use
     (torch's default), so the update's rate is not bounded by it."""
     n, repeats = (4096, 5) if device.type == "cuda" else (1024, 1)
