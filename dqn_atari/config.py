@@ -270,7 +270,8 @@ class Config:
     compile: bool = False
     """Run the learning update (loss, backward, optimizer step) and the greedy action through torch.compile. Same
     algorithm, same batches; floats agree with eager mode to rounding only. Costs ~20 s of compiling at the start
-    of a process (~4 s once it is in inductor's disk cache) and, on CPU, needs a C++ compiler. See README, Speed."""
+    of a process (~4 s once it is in inductor's disk cache), a few seconds more when the greedy action first meets a
+    new batch size or noise switch (evaluation), and, on CPU, needs a C++ compiler. See README, Speed."""
     cuda_graph: bool = False
     """CUDA only: run the update and the greedy action (for K runs in one process, their batched ones) as
     captured CUDA graphs (dqn_atari.cuda_graphs), which skips Python's ~120 kernel launches per update. The
