@@ -28,8 +28,7 @@ from torch.utils.flop_counter import register_flop_formula
 MIN_WEIGHTS = 1 << 16
 """Layers with at least this many weights take oneDNN's product: the Nature head's 3136 x 512 layers (dueling and
 noisy ones too; IQN's embedding is large enough but gets 3-D inputs, so F.linear); the small ones (the Nature
-head's last layer, CartPole's MLPs) gain nothing
-worth a custom operator's call."""
+head's last layer, CartPole's MLPs) gain nothing worth a custom operator's call."""
 
 
 @torch.library.custom_op("dqn_atari::linear", mutates_args=())
