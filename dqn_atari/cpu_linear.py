@@ -27,8 +27,8 @@ from torch.utils.flop_counter import register_flop_formula
 
 MIN_WEIGHTS = 1 << 16
 """Layers with at least this many weights take oneDNN's product: the Nature head's 3136 x 512 layers (dueling and
-noisy ones too; IQN's embedding is large enough but gets 3-D inputs, so F.linear); the small ones (the Nature
-head's last layer, CartPole's MLPs) gain nothing worth a custom operator's call."""
+noisy ones too) and IQN's 64 -> 3136 tau embedding; the small ones (the Nature head's last layer, CartPole's MLPs)
+gain nothing worth a custom operator's call."""
 
 
 @torch.library.custom_op("dqn_atari::linear", mutates_args=())
@@ -113,8 +113,9 @@ def worth_it(in_features: int, out_features: int) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; by oneDNN where ``onednn`` (the layer's :func:`worth_it`) and the call is a
-    2-D float32 product on CPU."""
-    if onednn and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2:
-        return _OneDNNLinear.apply(x, weight, bias)
+    """``F.linear(x, weight, bias)``; by oneDNN where ``onednn`` (the layer's :func:`worth_it`) and ``x`` is a
+    float32 CPU tensor of 2 or more dimensions (the leading ones are flattened into rows, as ``F.linear`` does)."""
+    if onednn and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() >= 2:
+        rows = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias)
+        return rows if x.dim() == 2 else rows.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)

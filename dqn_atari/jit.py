@@ -4,6 +4,9 @@ plain NumPy or library path for machines without numba, with the same results.""
 
 from __future__ import annotations
 
+import warnings
+from typing import Callable
+
 try:
     import numba
 except (ImportError, OSError):  # a dependency, but a machine without it (or with a broken llvmlite) still works
@@ -20,3 +23,17 @@ def compiled(function):
         return numba.njit(cache=True, nogil=True)(function)
     except RuntimeError:  # "cannot cache function ...: no locator available" (read-only install, no home)
         return numba.njit(nogil=True)(function)
+
+
+def kernel_works(check: Callable[[], bool], where: str, fallback: str) -> bool:
+    """Whether a compiled kernel can be used here: numba is installed, and ``check()`` (which runs the kernel on a
+    small input and compares it with the plain path) compiles, runs and returns True. A kernel that fails to
+    compile or run warns, naming ``where`` and the ``fallback`` used instead; ``check`` warns itself for a
+    kernel that runs but disagrees."""
+    if numba is None:
+        return False
+    try:
+        return bool(check())
+    except Exception as error:  # numba that cannot compile here: the plain path, a little slower
+        warnings.warn(f"{where}: numba failed ({type(error).__name__}: {error}); using {fallback}.")
+        return False

@@ -120,18 +120,18 @@ class NoisyLinear(nn.Module):
     factorised_max_rows = 64
 
     def forward(self, x: Tensor) -> Tensor:
-        def linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-            return cpu_linear.linear(x, weight, bias, self.onednn)
-
         if not self.noise_enabled:
-            return linear(x, self.weight_mu, self.bias_mu)
+            return self._linear(x, self.weight_mu, self.bias_mu)
         if x.numel() <= self.factorised_max_rows * self.in_features:
             # (sigma_w * f_out f_in^T) x = f_out * (sigma_w (f_in * x))
-            noise = linear(x * self.eps_in, self.weight_sigma, self.bias_sigma) * self.eps_out
-            return linear(x, self.weight_mu, self.bias_mu) + noise
+            noise = self._linear(x * self.eps_in, self.weight_sigma, self.bias_sigma) * self.eps_out
+            return self._linear(x, self.weight_mu, self.bias_mu) + noise
         weight = self.weight_mu + self.weight_sigma * self.weight_epsilon
         bias = self.bias_mu + self.bias_sigma * self.eps_out
-        return linear(x, weight, bias)
+        return self._linear(x, weight, bias)
+
+    def _linear(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        return cpu_linear.linear(x, weight, bias, self.onednn)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, sigma0={self.sigma0}"

@@ -12,7 +12,8 @@ of the store written):
 - baselines in the same run: a single-threaded memcpy (``np.copyto``) of exactly the bytes one sample
   returns as obs_tm1 + obs_t (2 x 32 x 4 x 84 x 84 = 1,806,336 bytes), timed in blocks of calls that
   alternate with the blocks of each sample figure, so that the ratio sample / memcpy compares the two
-  under the same machine load; the frame copy of a sample alone; and the common "stacked" layout (obs and next obs stacks stored per transition) at
+  under the same machine load; the frame copy of a sample alone, plain and channels-last (the layout the
+  CPU trainer asks for); and the common "stacked" layout (obs and next obs stacks stored per transition) at
   ``--stacked-capacity`` (default 100k; what fits), with its resident bytes per transition and its
   batch-32 sample time;
 - with ``--save-dir``: a full save, an incremental save after 1% more steps, and a load, in seconds.
@@ -142,6 +143,9 @@ def bench_uniform(args, out_bytes: int, memcpy) -> dict[str, object]:
     stacks = [buf.ring.obs_slots[buf.sample(BATCH).indices].transpose(1, 0, 2) for _ in range(512)]
     calls = iter(range(10**9))
     gather = timed_against(lambda: buf.ring.gather(stacks[next(calls) % 512]), memcpy, args.iters)
+    # The same copy laid out channels-last, as the CPU trainer asks for it (FrameRing.gather).
+    gather_cl = timed_against(lambda: buf.ring.gather(stacks[next(calls) % 512], channels_last=True), memcpy,
+                              args.iters)
     result = {
         "capacity": args.capacity,
         "transitions": len(buf),
@@ -157,6 +161,8 @@ def bench_uniform(args, out_bytes: int, memcpy) -> dict[str, object]:
         "sample_page_faults": sample["page_faults"],
         "frame_gather_us": gather["median_us"],
         "frame_gather_over_memcpy": gather["over_memcpy"],
+        "frame_gather_channels_last_us": gather_cl["median_us"],
+        "frame_gather_channels_last_over_memcpy": gather_cl["over_memcpy"],
     }
     if args.save_dir:
         result.update(bench_save(buf, stream, Path(args.save_dir)))
@@ -289,7 +295,8 @@ def main() -> None:
         f"uniform @ {args.capacity:,}: {uniform['rss_bytes'] / 1e9:.3f} GB resident = {uniform['rss_bytes_per_slot']:,.0f} B/slot, "
         f"add {uniform['add_us']:.0f} us, sample {uniform['sample_us']:.0f} us = {uniform['sample_over_memcpy']:.2f} x memcpy "
         f"({uniform['sample_memcpy_us']:.0f} us; {uniform['sample_page_faults']:.0f} page faults per sample); frame copy alone {uniform['frame_gather_us']:.0f} us = "
-        f"{uniform['frame_gather_over_memcpy']:.2f} x memcpy"
+        f"{uniform['frame_gather_over_memcpy']:.2f} x memcpy; channels-last {uniform['frame_gather_channels_last_us']:.0f} us = "
+        f"{uniform['frame_gather_channels_last_over_memcpy']:.2f} x memcpy"
     )
     prioritized = bench_prioritized(args, memcpy_fn)
     print(
@@ -302,6 +309,7 @@ def main() -> None:
     ratios = {
         "uniform_sample_over_memcpy": uniform["sample_over_memcpy"],
         "uniform_frame_gather_over_memcpy": uniform["frame_gather_over_memcpy"],
+        "uniform_frame_gather_channels_last_over_memcpy": uniform["frame_gather_channels_last_over_memcpy"],
         "prioritized_sample_update_over_memcpy": prioritized["sample_update_over_memcpy"],
         "prioritized_sample_only_over_memcpy": prioritized["sample_only_over_memcpy"],
         "stacked_sample_over_memcpy": stacked["sample_over_memcpy"],

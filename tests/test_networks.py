@@ -348,6 +348,28 @@ def test_large_linear_layers_take_onednn_and_compute_what_f_linear_does():
     assert counter.get_total_flops() == 3 * 2 * 32 * 3136 * 512
 
 
+def test_iqn_tau_embedding_takes_onednn_with_its_3d_input():
+    """IQN's 64 -> 3136 embedding gets (B, T, 64) inputs: flattened into rows for oneDNN, with the (B, T, 3136)
+    result and gradients F.linear gives."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    layer = build_network(ATARI, 6, head="iqn").tau_embedding.linear
+    if not layer.onednn:
+        pytest.skip("oneDNN's product is not usable here")
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 8, 64, generator=g, requires_grad=True)
+    upstream = torch.randn(4, 8, 3136, generator=g)
+    with FlopCounterMode(display=False) as counter:
+        ours = layer(x)
+    assert ours.shape == (4, 8, 3136)
+    assert counter.get_flop_counts()["Global"] == {torch.ops.dqn_atari.linear: 2 * 32 * 64 * 3136}
+    ours_grads = torch.autograd.grad(ours, (x, layer.weight, layer.bias), upstream)
+    plain = F.linear(x, layer.weight, layer.bias)
+    plain_grads = torch.autograd.grad(plain, (x, layer.weight, layer.bias), upstream)
+    for a, b in zip((ours, *ours_grads), (plain, *plain_grads)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_onednn_linear_under_vmap_gives_each_slice_what_it_gives_alone():
     """K runs trained together (vmap over stacked weights and batches, with gradients) get, per run, the product
     the run gets alone, bit for bit."""

@@ -26,6 +26,7 @@ from dqn_atari.replay import (
     SumTree,
     available_memory_bytes,
 )
+from dqn_atari import jit
 from dqn_atari.replay import ring as ring_module, storage
 
 GAMMA = 0.9
@@ -230,7 +231,7 @@ def test_channels_last_batches_hold_the_same_frames(stack):
         for buf in (b for pair in pairs for b in pair):
             buf.add(*step)
     interleaved = stack == 4 and ring_module._interleave_works()
-    assert interleaved == (stack == 4 and ring_module.numba is not None)  # numba here compiles the gather
+    assert interleaved == (stack == 4 and jit.numba is not None)  # numba here compiles the gather
     for plain, wide in pairs:
         args = (32,) if type(plain) is ReplayBuffer else (32, 0.5)
         a, b = plain.sample(*args), wide.sample(*args)
@@ -239,6 +240,24 @@ def test_channels_last_batches_hold_the_same_frames(stack):
         for frames in (b.obs_tm1, b.obs_t):
             assert torch.as_tensor(frames).is_contiguous(memory_format=torch.channels_last) == interleaved
             assert frames.flags.c_contiguous != interleaved
+
+    if interleaved:  # the compiled gather checks no bounds itself: its caller refuses ids outside the store
+        frames = np.zeros((6, *FRAME), np.uint8)
+        for bad in (6, -7):
+            with pytest.raises(IndexError, match="out of range"):
+                ring_module._gather_channels_last(frames, np.array([[0, 1, 2, bad]]))
+
+
+def test_a_kernel_that_fails_warns_and_falls_back():
+    """A compiled kernel that cannot compile or run here: a warning naming the plain path, which is used."""
+    def broken() -> bool:
+        raise RuntimeError("no LLVM here")
+    if jit.numba is None:
+        assert not jit.kernel_works(broken, "somewhere", "the plain path")
+        return
+    with pytest.warns(UserWarning, match="somewhere: numba failed .*no LLVM here.*using the plain path"):
+        assert not jit.kernel_works(broken, "somewhere", "the plain path")
+    assert jit.kernel_works(lambda: True, "somewhere", "the plain path")
 
 
 def test_numpy_save_loads_into_torch_store(tmp_path):

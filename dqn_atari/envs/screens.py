@@ -43,7 +43,7 @@ from typing import Any
 import cv2  # opencv-python-headless: ale-py's C++ env resizes with its own OpenCV
 import numpy as np
 
-from dqn_atari.jit import compiled, numba
+from dqn_atari.jit import compiled, kernel_works, numba
 
 
 def area_taps(source: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -119,15 +119,11 @@ class PaletteGrayscale:
         self.table = np.full(256, -1, np.int16)  # grayscale value of each palette index; -1: not seen yet
         self._pairs = np.full(1 << 16, -1, np.int32)  # the table for two pixels at a time (_palette_lookup)
         self._indices = np.empty((height, width), np.uint8)
-        self.compiled = numba is not None and height * width % 2 == 0 and self._compiles()
+        self.compiled = height * width % 2 == 0 and kernel_works(self._runs, "dqn_atari.envs.screens",
+                                                                 "ALE's getScreenGrayscale")
 
-    def _compiles(self) -> bool:
-        try:
-            _palette_lookup(np.zeros((1, 2), np.uint8), self._pairs, np.empty((1, 2), np.uint8))
-        except Exception as error:  # numba that cannot compile here: ALE's own grayscale, a little slower
-            warnings.warn(f"dqn_atari.envs.screens: numba failed ({type(error).__name__}: {error}); using "
-                          f"ALE's getScreenGrayscale.")
-            return False
+    def _runs(self) -> bool:
+        _palette_lookup(np.zeros((1, 2), np.uint8), self._pairs, np.empty((1, 2), np.uint8))  # False: not learnt yet
         return True
 
     def __call__(self, ale: Any, out: np.ndarray) -> None:
@@ -176,7 +172,8 @@ class AreaResize:
         screens = [rng.integers(0, 256, (height, width), dtype=np.uint8),
                    (rng.integers(0, 3, (height, width)) * 37).astype(np.uint8)]
         out = np.empty((self.size, self.size), np.uint8)
-        try:
+
+        def agrees() -> bool:
             for screen in screens:
                 expected = cv2.resize(screen, (self.size, self.size), interpolation=cv2.INTER_AREA)
                 self._exact(screen, out)
@@ -184,10 +181,9 @@ class AreaResize:
                     warnings.warn(f"dqn_atari.envs.screens: the compiled area resize differs from this OpenCV's "
                                   f"({height}x{width} to {self.size}x{self.size}); using cv2.resize instead.")
                     return False
-        except Exception as error:  # numba that cannot compile here: OpenCV's pixels, a little slower
-            warnings.warn(f"dqn_atari.envs.screens: numba failed ({type(error).__name__}: {error}); using cv2.resize.")
-            return False
-        return True
+            return True
+
+        return kernel_works(agrees, "dqn_atari.envs.screens", "cv2.resize")
 
     def __call__(self, newest: np.ndarray, previous: np.ndarray, out: np.ndarray) -> None:
         """Write into ``out`` the resized pixel-wise max of the screens; the max is left in ``newest`` (as

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import functools
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from dqn_atari.jit import compiled, numba
+from dqn_atari.jit import compiled, kernel_works
 
 __all__ = ["FrameRing", "ReplayMemoryError", "available_memory_bytes"]
 
@@ -454,6 +453,8 @@ def _gather_channels_last(frames: np.ndarray, slot_ids: np.ndarray) -> np.ndarra
     """``frames[slot_ids]`` for uint8 (H, W) frames and ``slot_ids`` of shape (..., 4), laid out channels-last."""
     lead, (height, width) = slot_ids.shape[:-1], frames.shape[1:]
     stacks = np.ascontiguousarray(slot_ids, dtype=np.int64).reshape(-1, 4)
+    if stacks.size and (stacks.min() < -len(frames) or stacks.max() >= len(frames)):  # the kernel checks no bounds
+        raise IndexError(f"slot ids out of range for a store of {len(frames)} frames")
     words = np.empty((stacks.shape[0], height, width), np.uint32)
     _interleave4(frames, stacks, words)
     return np.moveaxis(words.view(np.uint8).reshape(*lead, height, width, 4), -1, -3)
@@ -463,14 +464,8 @@ def _gather_channels_last(frames: np.ndarray, slot_ids: np.ndarray) -> np.ndarra
 def _interleave_works() -> bool:
     """Whether the compiled channels-last gather runs here and gives the plain gather's values (numba installed
     and able to compile; a little-endian machine, which byte order the word packing assumes)."""
-    if numba is None or sys.byteorder != "little":
-        return False
     frames = np.arange(5 * 2 * 3, dtype=np.uint8).reshape(5, 2, 3)
     slot_ids = np.array([[[0, 1, 2, 3], [4, 4, 0, 2]]])
-    try:
-        same = np.array_equal(_gather_channels_last(frames, slot_ids), frames[slot_ids])
-    except Exception as error:  # numba that cannot compile here: the plain gather, and the permute after it
-        warnings.warn(f"dqn_atari.replay.ring: numba failed ({type(error).__name__}: {error}); batches are gathered "
-                      f"by NumPy.")
-        return False
-    return same
+    return sys.byteorder == "little" and kernel_works(
+        lambda: np.array_equal(_gather_channels_last(frames, slot_ids), frames[slot_ids]),
+        "dqn_atari.replay.ring", "NumPy's gather (and a permute after it) for batches")
