@@ -29,7 +29,7 @@ SWEEP_OPTS ?=
 
 install: $(STAMP)
 
-# torch==2.13.0 first: the CPU build on this machine's disk; the package itself only asks for torch>=2.4,
+# torch==2.13.0 first: the CPU build on this machine's disk; the package itself only asks for torch>=2.5,
 # so a GPU user's own torch build is kept.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,7 +45,8 @@ test-fast: install
 	$(PY) -m pytest -q -ra -m "not slow"
 
 # PARALLEL=1: all SEEDS in one process (one batched network evaluation and update per step for all of them),
-# with the same results as training them one after the other (README, "K runs in one process").
+# the same runs as training them one after the other: bit for bit where they take turns (Atari on CPU), to float32
+# rounding where batched (README, "K runs in one process").
 reproduce: install
 	$(PY) -m dqn_atari reproduce --game "$(GAME)" --variant "$(VARIANT)" --seeds "$(SEEDS)" --frames "$(FRAMES)" $(if $(PARALLEL),--parallel) -- $(ARGS)
 
@@ -69,16 +70,20 @@ sweep: install
 status: install
 	$(PY) -m dqn_atari status --name "$(SWEEP)"
 
+# Results go to results/benchmarks/local/ (not in git), so that a quick `make bench` leaves the committed figures in
+# results/benchmarks/*.json as they are; each of those records the command that made it. BENCH_OUT=results/benchmarks
+# replaces them.
+BENCH_OUT ?= results/benchmarks/local
 bench-env: install
-	$(PY) scripts/bench_env.py
+	$(PY) scripts/bench_env.py --out $(BENCH_OUT)/bench_env.json
 
 bench-replay: install
-	$(PY) scripts/bench_replay.py
+	$(PY) scripts/bench_replay.py --out $(BENCH_OUT)/bench_replay.json
 
 # The training bench times runs with compile=true (the faster faithful update); BENCH_TRAIN_ARGS= for eager.
 BENCH_TRAIN_ARGS ?= --compile
 bench-train: install
-	$(PY) scripts/bench_train.py $(BENCH_TRAIN_ARGS)
+	$(PY) scripts/bench_train.py $(BENCH_TRAIN_ARGS) --out $(BENCH_OUT)/bench_train.json
 
 bench: bench-env bench-replay bench-train
 

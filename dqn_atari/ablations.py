@@ -51,9 +51,10 @@ def run_ablations(game: str, seeds: Sequence[int], frames: int | None = None, sm
 
     Returns (md, png), or None when a run was stopped by a signal before finishing (re-run to resume).
     """
-    from dqn_atari.cli import build_config
+    from dqn_atari.cli import build_config, refuse_axis_overrides
     from dqn_atari.train import game_of, train
 
+    refuse_axis_overrides(list(overrides), "--seeds (make: SEEDS=...)", "--game (make: GAME=...)")
     extra: dict = {"env": {"game": game}}
     if frames:
         extra["train"] = {"frames": int(frames)}

@@ -17,7 +17,8 @@ RUN_LIST_KEYS = ("seeds", "games")
 
 
 def _keys_help() -> str:
-    lines = ["config keys (key=value overrides; bare names work when unique, e.g. lr=1e-4):"]
+    lines = ["config keys (key=value overrides; bare names work when unique, e.g. lr=1e-4; integers as 10M, 500k "
+             "or 1e6 too):"]
     for key, default, doc in describe_fields():
         lines.append(f"  {key} (default {default})")
         if doc:
@@ -52,6 +53,18 @@ def split_run_lists(overrides: list[str]) -> tuple[list[str], dict[str, list[str
     return rest, lists
 
 
+def refuse_axis_overrides(overrides: list[str], seeds_from: str | None, games_from: str | None) -> None:
+    """A ``seed=`` or ``env.game=`` override that the run lists (``seeds_from``, ``games_from``: where they come
+    from, None if not given) would silently replace: a ConfigError."""
+    given = apply_overrides({}, list(overrides))  # resolves bare keys ("seed", "game") to their paths
+    clashes = [(key, f"{where} sets every run's {what}") for key, what, where, set_ in (
+        ("seed=", "seed", seeds_from, "seed" in given), ("env.game=", "game", games_from, "game" in given.get("env", {})))
+        if where and set_]
+    if clashes:
+        raise ConfigError(f"Remove {' and '.join(k for k, _ in clashes)} from the overrides: "
+                          f"{'; '.join(why for _, why in clashes)}.")
+
+
 def configs_for_runs(config_path, overrides: list[str], seeds: list, games: list | None = None,
                      **kwargs) -> list[Config]:
     """One config per (game, seed): the runs that one process trains together."""
@@ -67,6 +80,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not lists:
         train(build_config(args.config, overrides), progress=not args.no_progress)
         return 0
+    refuse_axis_overrides(overrides, "seeds=[...]" if "seeds" in lists else None,
+                          "games=[...]" if "games" in lists else None)
     cfgs = configs_for_runs(args.config, overrides, lists.get("seeds") or [build_config(args.config, overrides).seed],
                             lists.get("games"))
     runs = train_runs(cfgs, progress=not args.no_progress)
@@ -108,13 +123,14 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from dqn_atari.sweep import parse_seeds
 
     seeds = parse_seeds(args.seeds) if args.seeds.strip() else [1]
+    refuse_axis_overrides(args.overrides, "--seeds (make: SEEDS=...)", "--game (make: GAME=...)")
     config_path = find_variant_config(args.variant)
     extra: dict = {"env": {"game": args.game}}
     frames = parse_frames(args.frames)
     if frames:
         extra["train"] = {"frames": frames}
     cfgs = configs_for_runs(config_path, list(args.overrides), seeds, smoke=args.smoke, extra=extra)
-    if args.parallel:  # every seed in this one process (dqn_atari.agent_group); same results as one by one
+    if args.parallel:  # every seed in this one process (dqn_atari.agent_group); the same runs as one by one (README)
         from dqn_atari.train import train_runs
 
         if not all(run.is_done for run in train_runs(cfgs, progress=not args.no_progress)):

@@ -367,10 +367,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{key} must be an integer, got {value!r}.")
         if isinstance(value, str):
-            try:
-                value = float(value.replace("_", ""))
-            except ValueError:
-                raise ConfigError(f"{key} must be an integer, got {value!r}.") from None
+            number = _count(value)
+            if number is None:
+                raise ConfigError(f"{key} must be an integer like 1000000, 1e6 or 1M, got {value!r}.")
+            value = number
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, int):
@@ -400,8 +400,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, dict):
             return dict(value)
         raise ConfigError(f"{key} must be a mapping such as {{name: value}}, got {value!r}.")
-    if origin in (typing.Union, types.UnionType):
-        return value
+    if origin in (typing.Union, types.UnionType):  # X | None: null, or a value checked as X
+        members = [t for t in typing.get_args(tp) if t is not type(None)]
+        if value is None and len(members) < len(typing.get_args(tp)):
+            return None
+        return _coerce(value, members[0], key) if len(members) == 1 else value
     return value
 
 
@@ -595,15 +598,23 @@ def find_variant_config(variant: str, configs_dir: str | Path = "configs") -> Pa
     raise ConfigError(f"Unknown variant {variant!r}: no configs/{variant}.yaml.{hint} Known variants: {', '.join(known)}.")
 
 
+def _count(text: str) -> float | None:
+    """A count written as 10000000, 10_000_000, 1e7, 10M or 500k (k, M, G: thousands, millions, billions); None
+    if it is not one."""
+    m = re.fullmatch(r"([-+]?[0-9._]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMgG]?)", text.strip())
+    try:
+        return float(m.group(1).replace("_", "")) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2).lower()]
+    except (AttributeError, ValueError):
+        return None
+
+
 def parse_frames(text: str | int | None) -> int | None:
     """A frame budget as 10000000, 1e7, 10M or 500k; None when empty."""
     if text is None or str(text).strip() == "":
         return None
-    m = re.fullmatch(r"([0-9.eE+_]+)\s*([kKmMgG]?)", str(text).strip())
-    try:
-        value = float(m.group(1).replace("_", "")) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2).lower()]
-    except (AttributeError, ValueError):
-        raise ConfigError(f"--frames must be a number of frames like 10000000, 1e7 or 10M; got {text!r}.") from None
+    value = _count(str(text))
+    if value is None:
+        raise ConfigError(f"--frames must be a number of frames like 10000000, 1e7 or 10M; got {text!r}.")
     if value < 1 or not value.is_integer():
         raise ConfigError(f"--frames must be a positive whole number of frames; got {text!r}.")
     return int(value)

@@ -65,12 +65,14 @@ class RunDirError(ValueError):
 
 def _read_mapping(path: Path, parse, parse_error: type[Exception], valid: str, mapping: str) -> dict[str, Any]:
     """``parse`` of ``path``'s text, which must be a mapping; a RunDirError naming the file otherwise."""
+    fix = ("It is damaged: restore it from a copy (git, a backup), or, for a run still training, delete it: its "
+           "next resume writes it again.")
     try:
         value = parse(path.read_text())
     except parse_error as err:
-        raise RunDirError(f"{path} is not {valid}: {err}") from err
+        raise RunDirError(f"{path} is not {valid}: {err}. {fix}") from err
     if not isinstance(value, dict):
-        raise RunDirError(f"{path} should hold {mapping}, found {type(value).__name__}")
+        raise RunDirError(f"{path} should hold {mapping}, found {type(value).__name__}. {fix}")
     return value
 
 

@@ -1086,7 +1086,7 @@ def _sweep(args: argparse.Namespace, argv: list[str]) -> int:
         gpus = args.gpus_per_run if args.gpus_per_run is not None else default_gpus
         auto_gpus = args.gpus_per_run is None
         specs = expand_runs(games, parse_seeds(args.seeds), variants, frames=parse_frames(args.frames),
-                            overrides=args.overrides, runs_root=runs_root, cpus=args.cpus_per_run or 1, gpus=gpus)
+                            overrides=args.overrides, runs_root=runs_root, cpus=1 if args.cpus_per_run is None else args.cpus_per_run, gpus=gpus)
         name = args.name.strip() or default_name(specs)
         root = Path(specs[0].run_dir).parents[2]  # <runs_root>/<variant>/<game>/seed<k>
         path = sweeps_dir_for(root if root.is_absolute() else Path(specs[0].workdir) / root) / f"{name}.json"

@@ -261,6 +261,11 @@ class Trainer:
             torch.set_num_threads(cfg.torch_threads)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
+        # Before the env and the replay (7 GB at 1M transitions) are built: a run another process is training, or
+        # one recorded with another config, is refused at once. setup() takes the lock and checks again.
+        if self.run.path.exists():  # (bad input creates nothing: a new run's directory is made by setup())
+            os.close(self._flock())
+            self._check_recorded_config()
         self.env = make_train_env(cfg, env_backend)
         try:
             self._build(cfg)
@@ -343,9 +348,15 @@ class Trainer:
         return self.last_checkpoint
 
     def _restore(self, tensors: dict[str, torch.Tensor], state: dict, gen: Path) -> None:
-        diffs = identity_differences(recorded_identity(state.get("config", {})), self.cfg.run_identity())
+        recorded = recorded_identity(state.get("config", {}))
+        diffs = identity_differences(recorded, self.cfg.run_identity())
         if diffs and not self.cfg.force:
             raise ConfigError(config_mismatch(diffs, gen))
+        was, now = recorded.get("agent", {}).get("optimizer"), self.cfg.agent.optimizer
+        if was != now:  # the saved optimizer state is another optimizer's: it would fail at the first update
+            raise ConfigError(f"force=true cannot resume {gen} with another optimizer (agent.optimizer: recorded "
+                              f"{was!r}, now {now!r}): its saved state is {was!r}'s. Resume with "
+                              f"agent.optimizer={was}, or start a new run (another seed, variant name or runs_root).")
         try:
             self._load_state(tensors, state, gen)
         except (RuntimeError, ValueError, KeyError) as exc:
@@ -366,7 +377,7 @@ class Trainer:
                 _, idx, key = k.split(".", 2)
                 opt_state.setdefault(int(idx), {})[key] = v.to(self.device) if v.dim() > 0 else v
         a.optimizer.load_state_dict({"state": opt_state,
-                                     "param_groups": steps_as_now(a.optimizer, state["optim_param_groups"])})
+                                     "param_groups": groups_as_now(a.optimizer, state["optim_param_groups"])})
         a.reset_graphs()  # the optimizer's state tensors were replaced
         a.updates = state["agent_updates"]
         a.rng.bit_generator.state = state["rng_agent"]
@@ -383,11 +394,7 @@ class Trainer:
         """Create or resume the run directory. Returns False when the run is already DONE (with this config)."""
         run = self.run
         self.lock()
-        diffs = []
-        if run.exists and (run.path / "config.yaml").exists():
-            diffs = identity_differences(recorded_identity(run.config), self.cfg.run_identity())
-            if diffs and not self.cfg.force:
-                raise ConfigError(config_mismatch(diffs, run.path / "config.yaml", run.is_done))
+        diffs = self._check_recorded_config()
         if run.is_done:
             print(f"{run.path} is DONE; nothing to do (to train it again, move the run directory aside: its "
                   f"checkpoints were removed when it finished).")
@@ -522,10 +529,25 @@ class Trainer:
         self.save()
         return True
 
+    def _check_recorded_config(self) -> list[str]:
+        """How this config differs from the one the run directory recorded (none for a new run); a ConfigError
+        unless force=true."""
+        run = self.run
+        if not (run.exists and (run.path / "config.yaml").exists()):
+            return []
+        diffs = identity_differences(recorded_identity(run.config), self.cfg.run_identity())
+        if diffs and not self.cfg.force:
+            raise ConfigError(config_mismatch(diffs, run.path / "config.yaml", run.is_done))
+        return diffs
+
     def lock(self) -> None:
         """One process per run directory: an exclusive ``flock`` on <run>/.train.lock until close(). Two trainers
         on one run (a second `make reproduce` while the first still runs) would interleave its CSVs and delete
         each other's checkpoint writes."""
+        self.lock_fd = self._flock()
+
+    def _flock(self) -> int:
+        """The run's lock file, opened and locked (RunBusy if another process holds it)."""
         import fcntl
 
         self.run.path.mkdir(parents=True, exist_ok=True)
@@ -537,7 +559,7 @@ class Trainer:
             raise RunBusy(f"{self.run.path} is being trained by another process right now (it holds {TRAIN_LOCK}). "
                           f"Let it finish, or stop it (Ctrl-C, or SIGTERM to its Python process: it checkpoints) and "
                           f"re-run this command to resume.") from None
-        self.lock_fd = fd
+        return fd
 
     def close(self) -> None:
         if self.writer is not None:
@@ -606,13 +628,16 @@ class Trainer:
         print(f"Done: {self.run.path} (final evaluation mean {summary['final_eval_mean']:.1f}).")
 
 
-def steps_as_now(optimizer: torch.optim.Optimizer, saved_groups: list[dict]) -> list[dict]:
-    """Saved parameter groups with this process's ``capturable`` flag (Adam: whether its step count lives on the
-    device, set by cuda_graph): how the optimizer steps is run-local, so a run checkpointed with CUDA graphs
-    resumes on a CPU, and the other way round."""
-    if "capturable" not in optimizer.param_groups[0]:
-        return saved_groups
-    return [{**g, "capturable": optimizer.param_groups[0]["capturable"]} for g in saved_groups]
+def groups_as_now(optimizer: torch.optim.Optimizer, saved_groups: list[dict]) -> list[dict]:
+    """Saved parameter groups (which parameters each holds) with this process's settings: the config's, equal to
+    the recorded ones unless force=true changed one (``agent.lr``, say), which then takes effect; and run-local
+    ones such as Adam's ``capturable`` (its step count on the device, set by cuda_graph), so that a run
+    checkpointed with CUDA graphs resumes on a CPU, and the other way round."""
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise ValueError(f"the checkpoint's optimizer has {len(saved_groups)} parameter groups, this one "
+                         f"{len(optimizer.param_groups)}")
+    return [{**saved, **{k: v for k, v in now.items() if k != "params"}}
+            for saved, now in zip(saved_groups, optimizer.param_groups)]
 
 
 def train_together(trainers: list[Trainer], interrupt_at_step: int | None = None) -> list[RunDir]:

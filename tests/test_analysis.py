@@ -419,7 +419,7 @@ def test_report_smoke_run_without_paper_score(tmp_path):
     md, png = write_game_report("my_variant", "Pooyan", root, REFERENCE_ROOT, tmp_path / "reports")
     _nonempty([md, png])
     text = md.read_text()
-    assert "no published per-game scores are mapped for variant 'my_variant'" in text
+    assert "No paper's algorithm in paper_scores.csv is mapped to variant 'my_variant', so there is nothing" in text
     assert "(one seed)" in text
     write_run(root, "rainbow", "Pooyan", 1, RAINBOW, 0.5, n_evals=1, frames=10_000)
     text = write_game_report("rainbow", "Pooyan", root, REFERENCE_ROOT, tmp_path / "reports")[0].read_text()

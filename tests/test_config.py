@@ -86,6 +86,16 @@ def test_bad_values_are_clear_errors(override, fragment):
     with pytest.raises(ConfigError, match=re.escape(fragment)):
         load_config(None, [override])
 
+def test_integers_take_the_frames_option_s_forms():
+    """train.frames=10M works as --frames 10M does; the same forms fit every integer key."""
+    cfg = load_config(CONFIGS / "nature_dqn.yaml", ["train.frames=10M", "replay.capacity=100k", "seed=1e3"])
+    assert (cfg.train.frames, cfg.replay.capacity, cfg.seed) == (10_000_000, 100_000, 1000)
+    with pytest.raises(ConfigError, match=re.escape("train.frames must be an integer like 1000000, 1e6 or 1M, "
+                                                    "got '10 frames'")):
+        load_config(None, ["train.frames=10 frames"])
+    with pytest.raises(ConfigError, match="must be an integer"):
+        load_config(None, ["train.frames=2.5"])
+
 
 def test_missing_config_file_lists_available_ones(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):

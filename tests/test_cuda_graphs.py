@@ -13,7 +13,7 @@ from dqn_atari.agent import Agent
 from dqn_atari.agent_group import AgentGroup
 from dqn_atari.config import ConfigError, load_config
 from dqn_atari.cuda_graphs import MAX_GRAPHS, WARMUP, Graphed
-from dqn_atari.train import steps_as_now
+from dqn_atari.train import groups_as_now
 from test_agent import B  # the replay batch's fields
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -205,7 +205,7 @@ def test_adam_checkpointed_with_cuda_graphs_resumes_on_cpu():
     groups = [{**g, "capturable": True} for g in state["param_groups"]]  # as a run with cuda_graph=true saves them
     q = torch.nn.Parameter(p.detach().clone())
     resumed = torch.optim.Adam([q])
-    resumed.load_state_dict({"state": state["state"], "param_groups": steps_as_now(resumed, groups)})
+    resumed.load_state_dict({"state": state["state"], "param_groups": groups_as_now(resumed, groups)})
     assert resumed.param_groups[0]["capturable"] is False
     for opt, param in ((saved, p), (resumed, q)):
         param.grad = torch.full((3,), 0.5)

@@ -168,6 +168,7 @@ def success_rates(run, n_bits: int) -> list[float]:
 LEARN_STEPS = 16_000  # 1,600 episodes of 10 bits (each lasts 10 steps), seed 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant, overrides, solved", [
     ("bitflip_her", (), True),
     ("bitflip_her", ("agent.double=true",), True),

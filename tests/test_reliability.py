@@ -318,6 +318,14 @@ BAD_INPUT = [
     ("network too big for memory", [NATURE, "network.hidden=100000000000", "replay.capacity=1000"], 1,
      ["out of memory", "network's size"]),
     ("YAML boolean for a name", [NATURE, "env.game=on"], 2, ["env.game must be a string, got True (quote it)"]),
+    ("boolean episode cap", [NATURE, "eval.max_episode_frames=true"], 2,
+     ["eval.max_episode_frames must be an integer, got True"]),
+    ("protocol switch not a boolean", [NATURE, "env.overrides.full_action_space=maybe"], 2,
+     ["env.overrides.full_action_space in a run's config) must be true or false, got 'maybe'"]),
+    ("protocol number not a number", [NATURE, "env.overrides.noop_max=abc"], 2,
+     ["env.overrides.noop_max in a run's config) must be a number, got 'abc'"]),
+    ("seed beside a seed list", [NATURE, "seeds=[1,2]", "seed=3"], 2,
+     ["Remove seed= from the overrides: seeds=[...] sets every run's seed"]),
 ]
 
 

@@ -103,6 +103,9 @@ def test_one_process_at_a_time_trains_a_run(tmp_path, capsys):
     assert first.setup()
     with pytest.raises(RunBusy, match="being trained by another process"):
         Trainer(cfg, progress=False).train()
+    huge = cartpole_config(tmp_path, "train.frames=1500", "replay.capacity=1e12")
+    with pytest.raises(RunBusy):  # said before its env and replay are built (this replay would not fit in memory)
+        Trainer(huge, progress=False)
     assert main(["train", str(CARTPOLE), f"runs_root={tmp_path}", "device=cpu", "train.frames=1500",
                  "--no-progress"]) == RunBusy.exit_status == 75
     assert "being trained by another process" in capsys.readouterr().err
@@ -149,9 +152,16 @@ def test_resuming_with_a_different_config_is_refused(tmp_path):
     changed = cartpole_config(tmp_path, "train.frames=1500", "agent.lr=0.01")
     with pytest.raises(ConfigError, match="agent.lr"):
         Trainer(changed, progress=False).train()
+    # Another optimizer cannot take the saved one's state: refused before anything is written.
+    other = cartpole_config(tmp_path, "train.frames=1500", "agent.optimizer=rmsprop_nature", "force=true")
+    with pytest.raises(ConfigError, match="another optimizer .*recorded 'adam', now 'rmsprop_nature'"):
+        Trainer(other, progress=False).train()
+    assert Trainer(cfg, progress=False).run.config["agent"]["optimizer"] == "adam"
     forced = cartpole_config(tmp_path, "train.frames=1500", "agent.lr=0.01", "force=true")
-    run = Trainer(forced, progress=False).train()
+    trainer = Trainer(forced, progress=False)
+    run = trainer.train()
     assert run.is_done and run.config["agent"]["lr"] == 0.01
+    assert trainer.agent.optimizer.param_groups[0]["lr"] == 0.01  # the new value is the one used, not the saved
     # config.yaml now holds the new config; what the first 300 steps ran with is kept, and the report says it.
     assert run.config_changes == [{"agent_step": 300, "changes": ["agent.lr: recorded 0.001, now 0.01"]}]
     from dqn_atari.analysis.report import write_game_report

@@ -102,9 +102,10 @@ def write_game_report(
     lines += ["## Published scores", ""]
     paper = reference.paper_rows(ref.paper_algorithms, game)
     if paper.empty:
-        why = (f"no published score for {display} among {', '.join(ref.paper_algorithms)}" if ref.paper_algorithms
-               else f"no published per-game scores are mapped for variant '{variant}'")
-        lines += [f"There is {why} in paper_scores.csv, so there is nothing to compare against here.", ""]
+        why = (f"There is no published score for {display} among {', '.join(ref.paper_algorithms)} in "
+               f"paper_scores.csv" if ref.paper_algorithms
+               else f"No paper's algorithm in paper_scores.csv is mapped to variant '{variant}'")
+        lines += [f"{why}, so there is nothing to compare against here.", ""]
     for _, row in paper.iterrows():
         pp = parse_paper_protocol(row["protocol"])
         lines += [f"- **{row['algorithm']}**: {fmt_value(row['score'])}",

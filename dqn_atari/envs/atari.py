@@ -110,23 +110,30 @@ class AtariProtocol:
     """Side of the square grayscale frame after the area resize."""
 
     def __post_init__(self) -> None:
-        checks = {
-            "noop_max": self.noop_max >= 0,
-            "frame_skip": self.frame_skip >= 1,
-            "repeat_action_probability": 0.0 <= self.repeat_action_probability < 1.0,
-            "max_episode_frames": self.max_episode_frames >= 1,
-            "frame_stack": self.frame_stack >= 1,
-            "screen_size": self.screen_size >= 1,
+        for f in dataclasses.fields(self):  # types first: a range check on a string would be a TypeError
+            value = getattr(self, f.name)
+            if f.type == "bool" and not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"{_named(f.name)} must be true or false, got {value!r}.")
+            if f.type in ("int", "float") and (isinstance(value, (bool, np.bool_))
+                                               or not isinstance(value, (int, float, np.integer, np.floating))):
+                raise ValueError(f"{_named(f.name)} must be a number, got {value!r}.")
+            if f.type == "int" and int(value) != value:
+                raise ValueError(f"{_named(f.name)} must be an integer, got {value!r}.")
+        ranges = {
+            "noop_max": (self.noop_max >= 0, ">= 0"),
+            "frame_skip": (self.frame_skip >= 1, ">= 1"),
+            "repeat_action_probability": (0.0 <= self.repeat_action_probability < 1.0, "in [0, 1)"),
+            "max_episode_frames": (self.max_episode_frames >= 1, ">= 1"),
+            "frame_stack": (self.frame_stack >= 1, ">= 1"),
+            "screen_size": (self.screen_size >= 1, ">= 1"),
         }
-        for key, ok in checks.items():
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-                raise ValueError(f"AtariProtocol.{key} must be a number, got {value!r}.")
+        for key, (ok, valid) in ranges.items():
             if not ok:
-                raise ValueError(f"AtariProtocol.{key}={value!r} is out of range; see its docstring.")
-        for key in ("frame_skip", "noop_max", "max_episode_frames", "frame_stack", "screen_size"):
-            if int(getattr(self, key)) != getattr(self, key):
-                raise ValueError(f"AtariProtocol.{key} must be an integer, got {getattr(self, key)!r}.")
+                raise ValueError(f"{_named(key)} must be {valid}, got {getattr(self, key)!r}.")
+
+
+def _named(key: str) -> str:
+    return f"AtariProtocol.{key} (env.overrides.{key} in a run's config)"
 
 
 _METADATA_FIELDS = ("name", "description")
