@@ -70,7 +70,7 @@ class NetworkConfig:
     noisy: bool = False
     """Factorised Gaussian noisy linear layers in the head (Fortunato et al. 2018); replaces epsilon-greedy."""
     noisy_sigma0: float = 0.5
-    """Initial noise scale sigma_0 of noisy layers (Fortunato et al. 2018, Sec. 3.1)."""
+    """Initial noise scale sigma_0 of noisy layers (Fortunato et al. 2018, Sec. 3.2)."""
     hidden: int = 512
     """Units of the head's hidden fully connected layer (Nature: 512)."""
     num_atoms: int = 51
