@@ -123,7 +123,7 @@ def test_rainbow_headline_median(ref):
 
 def test_dopamine_curve_medians(ref):
     """Median HNS of Dopamine's legacy DQN at 10M and ~199M frames, as recomputed in aggregates.csv."""
-    for frames, iteration in (("10M", 9), ("200M", 198)):
+    for frames, iteration in (("10M", 9), ("199M", 198)):
         curves = ref.dopamine_curves
         rows = curves[(curves["agent"] == "DQN") & (curves["dopamine_set"] == "legacy")
                       & (curves["iteration"] == iteration)]
@@ -242,6 +242,8 @@ def test_paper_protocol_parsing_and_differences():
     tuned = parse_paper_protocol("human-starts; 30-min episodes; eval eps 0.001; 200M frames")  # no '='
     assert (tuned.eval_epsilon, tuned.max_episode_frames) == (0.001, 108_000)
     assert parse_paper_protocol("NoFrameskip-v4 AtariWrapper; 10M steps; 1 run").frames == 40e6  # 4 frames a step
+    for wrappers in ("NoFrameskip-v4 AtariWrapper; 10M steps", "NoFrameskip-v4 + Baselines wrappers; 10M steps"):
+        assert parse_paper_protocol(wrappers).start_type == "noop"  # their NoopResetEnv: up to 30 no-ops
     assert any("ours 50M frames, paper 200M" in d for d in protocol_differences(ours, 50e6, nature))
     diffs = protocol_differences(ours, 1e7, dopamine)
     assert any("sticky actions" in d for d in diffs) and any("10M" in d for d in diffs)
@@ -424,6 +426,11 @@ def test_report_smoke_run_without_paper_score(tmp_path):
     write_run(root, "rainbow", "Pooyan", 1, RAINBOW, 0.5, n_evals=1, frames=10_000)
     text = write_game_report("rainbow", "Pooyan", root, REFERENCE_ROOT, tmp_path / "reports")[0].read_text()
     assert "no published score for Pooyan" in text
+    # A hyperparameter tried under its own variant name (README) is compared with its base variant's papers.
+    write_run(root, "nature_dqn_lr1e-4", "Breakout", 1, NATURE, 0.5, n_evals=1, frames=10_000)
+    text = write_game_report("nature_dqn_lr1e-4", "Breakout", root, REFERENCE_ROOT, tmp_path / "reports")[0].read_text()
+    assert "nature_dqn_lr1e-4 (a setting of DQN (Mnih et al. 2015))" in text
+    assert "DQN (Mnih 2015, Nature)**: 401.2" in text
 
 
 @pytest.mark.filterwarnings("ignore:skipping run directory")

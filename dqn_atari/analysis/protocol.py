@@ -34,9 +34,10 @@ def _fmt_num(x: float) -> str:
 
 
 def start_kind(text: Any) -> str | None:
-    """'sticky', 'human' or 'noop' from free text ('no-op starts', 'human-starts', 'sticky actions p=0.25')."""
+    """'sticky', 'human' or 'noop' from free text ('no-op starts', 'human-starts', 'sticky actions p=0.25'). OpenAI
+    Baselines' Atari wrappers and SB3's AtariWrapper start with up to 30 no-ops (their NoopResetEnv)."""
     low = str(text or "").lower()
-    patterns = (("sticky", "sticky"), ("human", "human"), ("noop", r"no-?op"))
+    patterns = (("sticky", "sticky"), ("human", "human"), ("noop", r"no-?op|baselines wrappers|atariwrapper"))
     return next((kind for kind, pattern in patterns if re.search(pattern, low)), None)
 
 

@@ -38,12 +38,15 @@ from dqn_atari.rundir import atomic_write_csv, atomic_write_text
 
 DEFAULT_TABLES_DIR = Path("results/tables")
 FORMATS = ("md", "tex", "csv")
-HNS_NOTE = "HNS = (score - random) / (human - random); ours use the standard 57-game random/human table (atari_random_human.csv)."
+HNS_NOTE = ("HNS = (score - random) / (human - random); ours use the standard 57-game random/human table "
+            "(atari_random_human.csv). Its Video Pinball random score, 16,257 (Nature's), leaves a human-random gap of "
+            "1,411 points: a score far below or above it moves a mean by hundreds of points (and the optimality gap), "
+            "where medians and IQMs hold; compare those.")
 RECOMPUTED_NOTE = ("recomputed rows are medians and means of a paper's per-game scores. Their human-starts rows are "
                    "left out: they were normalized with the no-op random/human table, and human-starts papers use "
                    "the human-start one (Nair et al. 2015). A recomputed mean can be far from the printed one "
-                   "(C51: 1767 % vs 701 %): one game with a small human-random gap (Video Pinball) dominates it, so "
-                   "compare medians.")
+                   "(C51: 1767 % vs 701 %): the later papers' printed means take Video Pinball's random score as "
+                   "about 0 (C51's mean is then 701.1 %), the standard table as 16,257, so compare medians.")
 PUBLISHED_HNS_NOTE = ("published rows use the random/human table of their source (see Source), so rows from different "
                       "tables differ for the same scores: DQN's 49 Nature scores give median 93.5 % with the Nature "
                       "paper's table and 79.3 % with the standard one; compare ours with standard-table rows.")
