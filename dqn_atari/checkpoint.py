@@ -360,6 +360,6 @@ def load_checkpoint(ckpt_root: Path, restore: Callable[[dict[str, torch.Tensor],
     raise CheckpointError(
         f"No usable checkpoint in {ckpt_root}: {'; '.join(problems)}. If the files were damaged, delete "
         f"{ckpt_root} and move the run's train.csv and eval.csv aside (into {ckpt_root.parent / 'old'}/, say) to "
-        f"start the run again from scratch; if they were written by another version of dqn_atari, resume with "
-        f"that version."
+        f"start the run again from scratch; if they were copied from another run (another game, say), put this "
+        f"run's own back; if they were written by another version of dqn_atari, resume with that version."
     )
