@@ -67,8 +67,10 @@ plots: install
 sweep: install
 	$(PY) -m dqn_atari sweep --games "$(GAMES)" --seeds "$(SEEDS)" --variants "$(VARIANTS)" --frames "$(FRAMES)" --backend "$(BACKEND)" --name "$(SWEEP)" --max-parallel "$(MAX_PARALLEL)" $(SWEEP_OPTS) -- $(ARGS)
 
+# STATUS_OPTS="--runs-root DIR" for a sweep whose runs went elsewhere (its file is in DIR's sibling sweeps/).
+STATUS_OPTS ?=
 status: install
-	$(PY) -m dqn_atari status --name "$(SWEEP)"
+	$(PY) -m dqn_atari status --name "$(SWEEP)" $(STATUS_OPTS)
 
 # Results go to results/benchmarks/local/ (not in git), so that a quick `make bench` leaves the committed figures in
 # results/benchmarks/*.json as they are; each of those records the command that made it. BENCH_OUT=results/benchmarks

@@ -57,9 +57,9 @@ def refuse_axis_overrides(overrides: list[str], seeds_from: str | None, games_fr
     """A ``seed=`` or ``env.game=`` override that the run lists (``seeds_from``, ``games_from``: where they come
     from, None if not given) would silently replace: a ConfigError."""
     given = apply_overrides({}, list(overrides))  # resolves bare keys ("seed", "game") to their paths
-    clashes = [(key, f"{where} sets every run's {what}") for key, what, where, set_ in (
-        ("seed=", "seed", seeds_from, "seed" in given), ("env.game=", "game", games_from, "game" in given.get("env", {})))
-        if where and set_]
+    axes = (("seed=", "seed", seeds_from, "seed" in given),
+            ("env.game=", "game", games_from, "game" in given.get("env", {})))
+    clashes = [(key, f"{where} sets every run's {what}") for key, what, where, set_ in axes if where and set_]
     if clashes:
         raise ConfigError(f"Remove {' and '.join(k for k, _ in clashes)} from the overrides: "
                           f"{'; '.join(why for _, why in clashes)}.")
@@ -179,7 +179,8 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="evaluate a trained run under its protocol; optionally record a video",
                        description="python -m dqn_atari evaluate RUN_DIR [episodes=N] [epsilon=E] [seed=S] [video=PATH.mp4]")
     p.add_argument("run_dir")
-    p.add_argument("options", nargs="*", default=[], help="episodes=N, epsilon=E, seed=S, video=PATH.mp4 (colour, first episode)")
+    p.add_argument("options", nargs="*", default=[], help="episodes=N, epsilon=E, seed=S, video=PATH.mp4 (colour: one more "
+                   "episode, for watching, not one of the scored ones)")
     p.set_defaults(func=cmd_evaluate, parser=p)
 
     p = sub.add_parser("reproduce", help="train every seed of a variant on a game, then write the game report",

@@ -226,9 +226,10 @@ class EvalConfig:
     """Agent-step budget of one periodic evaluation; episodes unfinished when it runs out are dropped (DeepMind's
     code: 125,000). The final evaluation has none: it plays all ``episodes`` to their end (Nature 2015, Methods)."""
     max_episode_frames: int | None = None
-    """Episode cap in evaluation, in frames. None (the default): the cap of ``env.protocol``'s evaluation,
-    :data:`EVAL_EPISODE_FRAMES` (nature2015: 18,000; machado2018: 108,000); the resolved number is what the run's
-    config.yaml records."""
+    """Episode cap in evaluation, in frames (Atari; a control task keeps its env's own time limit, e.g. CartPole's
+    500 steps, set by env.overrides.max_episode_steps, which protocol.json records). None (the default): the cap of
+    ``env.protocol``'s evaluation, :data:`EVAL_EPISODE_FRAMES` (nature2015: 18,000; machado2018: 108,000); the
+    resolved number is what the run's config.yaml records."""
     num_envs: int = 8
     """Evaluation environments stepped together, for speed: the episodes counted are the first ``episodes`` to
     start, whatever their length, and the step budget counts their steps only (see dqn_atari.train.evaluate)."""

@@ -17,7 +17,8 @@ def load_run_agent(run_dir: Path) -> tuple[Config, Agent]:
     """The run's config and an agent holding its final weights (or its latest checkpoint's)."""
     run = RunDir(run_dir)
     if not (run.path / "config.yaml").exists():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml). Run directories look like "
+        what = "no config.yaml" if Path(run_dir).is_dir() else "not a folder"
+        raise ConfigError(f"{run_dir} is not a run directory ({what}). Run directories look like "
                           f"results/runs/<variant>/<game>/seed<k>/.")
     cfg = config_from_dict(run.config, where=str(run.path / "config.yaml"))
     # Where it runs now, not where it trained: cuda_graph=true would refuse a machine without a GPU.
@@ -28,6 +29,9 @@ def load_run_agent(run_dir: Path) -> tuple[Config, Agent]:
     weights_path = run.path / "model.safetensors"
     if weights_path.exists():
         source, weights = weights_path, _read_weights(weights_path)
+    elif run.is_done:
+        raise ConfigError(f"{run_dir} is finished but its final weights, {weights_path.name}, are missing (a finished "
+                          f"run keeps no checkpoints): restore the file from a copy, or re-train the run.")
     else:
         source, weights = _latest_checkpoint_weights(run.path / "checkpoints", run_dir)
         print(f"{run_dir} is not finished; evaluating its latest checkpoint {source.name}.")
@@ -67,6 +71,11 @@ def _latest_checkpoint_weights(ckpt_root: Path, run_dir: Path) -> tuple[Path, di
 def evaluate_run(run_dir: Path, episodes: int | None = None, video: str | None = None,
                  epsilon: float | None = None, seed: int = 0) -> list[float]:
     cfg, agent = load_run_agent(run_dir)
+    if video:
+        _video_protocol(cfg)  # what a video cannot show is said before the evaluation, not after it
+    if epsilon is not None and cfg.network.noisy:
+        raise ConfigError("epsilon= does not apply to a noisy-net run: it is evaluated greedily with its mean weights "
+                          "(README, noisy nets). Leave epsilon= out.")
     if epsilon is not None:
         cfg = config_from_dict({**cfg.to_dict(), "eval": {**cfg.to_dict()["eval"], "epsilon": epsilon}})
     episodes = episodes or cfg.eval.episodes
@@ -81,24 +90,37 @@ def evaluate_run(run_dir: Path, episodes: int | None = None, video: str | None =
     return scores
 
 
+def _video_protocol(cfg: Config):
+    """The run's Atari protocol, if a video can follow it (ConfigError otherwise)."""
+    from dqn_atari.envs import PROTOCOL_FIELDS, get_protocol, is_control_task
+
+    if is_control_task(cfg.env.game):
+        raise ConfigError(f"Videos are for Atari runs only; {cfg.env.game} is a control task. Leave video= out.")
+    protocol = get_protocol(cfg.env.protocol, **{k: v for k, v in cfg.env.overrides.items() if k in PROTOCOL_FIELDS})
+    if (protocol.screen_size, protocol.frame_stack) != (84, 4):
+        raise ConfigError(f"The video's pipeline (gymnasium's AtariPreprocessing) feeds the network 84x84 frames in "
+                          f"stacks of 4; this run used {protocol.screen_size}x{protocol.screen_size} in stacks of "
+                          f"{protocol.frame_stack}. Leave video= out.")
+    return protocol
+
+
 def record_video(cfg: Config, agent: Agent, path: Path, seed: int = 0, max_frames: int | None = None) -> float:
     """One episode in colour at the emulator's full resolution, one video frame per agent step (15 fps).
 
     The agent sees the usual 84x84 grayscale stack, built here by gymnasium's AtariPreprocessing on an RGB
     rendering env; that pipeline follows the same protocol (no-ops, repeat 4, max of 2 frames, area resize)
-    but is not the pixel-exact one used in training, so this is for watching, not for scoring.
+    but is not the pixel-exact one used in training (its stack starts with copies of the first frame, not zeros;
+    no FIRE at reset), so this is one more episode for watching, not one of the scored ones.
     """
     import ale_py
     import gymnasium as gym
     import imageio.v2 as imageio
     from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation
 
-    from dqn_atari.envs import display_name, get_protocol, resolve_game
+    from dqn_atari.envs import display_name, resolve_game
 
-    if cfg.env.game.lower() in ("cartpole", "maze"):
-        raise ConfigError("Videos are for Atari runs only.")
+    protocol = _video_protocol(cfg)
     gym.register_envs(ale_py)
-    protocol = get_protocol(cfg.env.protocol, **cfg.env.overrides)
     env = gym.make(f"ALE/{display_name(resolve_game(cfg.env.game))}-v5", frameskip=1, render_mode="rgb_array",
                    repeat_action_probability=protocol.repeat_action_probability,
                    full_action_space=protocol.full_action_space,

@@ -30,7 +30,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from dqn_atari.config import Config, ConfigError, load_config
+from dqn_atari.config import (Config, ConfigError, apply_overrides, config_mismatch, identity_differences,
+                              load_config, recorded_identity)
 from dqn_atari.envs import env_display_name
 from dqn_atari.progress import progress_bar
 from dqn_atari.rundir import RunDir, atomic_savefig, atomic_write_csv, atomic_write_text
@@ -49,6 +50,14 @@ def her_configs(bits: Sequence[int], seeds: Sequence[int], episodes: int, overri
     """One config per (variant, n, seed): the variant's file, ``BitFlip<n>``, a budget of ``episodes`` episodes."""
     if episodes < 1 or not bits or min(bits) < 1:
         raise ValueError(f"need at least one episode and bit counts >= 1, got episodes={episodes}, bits={list(bits)}.")
+    given = apply_overrides({}, list(overrides))  # resolves bare keys to their paths
+    refused = ([k for k in ("seed",) if k in given] + [f"env.{k}" for k in ("game",) if k in given.get("env", {})]
+               + [f"train.{k}" for k in ("frames",) if k in given.get("train", {})]
+               + [f"replay.{k}" for k in given.get("replay", {}) if k.startswith("her")])
+    if refused:
+        raise ConfigError(f"Remove {', '.join(refused)} from the overrides: the experiment sets the seeds, games and "
+                          f"budgets (--seeds, --bits, --episodes), and hindsight replay's settings would reach the "
+                          f"DQN baseline too (change them in {CONFIGS / 'bitflip_her.yaml'}, or a copy).")
     return [load_config(CONFIGS / f"{variant}.yaml",
                         [*overrides, f"env.game=BitFlip{n}", f"seed={seed}", f"train.frames={episodes * n}"])
             for variant in VARIANTS for n in bits for seed in seeds]
@@ -79,6 +88,11 @@ def _steps_done(cfg: Config) -> int:
 def train_all(configs: list[Config], workers: int, progress: bool = True) -> bool:
     """Train every run, ``workers`` at a time in their own processes, longest first. A tqdm bar counts the agent
     steps of all runs (read from their train.csv) with an ETA. Returns False when a run stopped early (a signal)."""
+    for cfg in configs:  # a finished run is skipped below: it must be of this config, as train would check
+        run = _run_dir(cfg)
+        diffs = identity_differences(recorded_identity(run.config), cfg.run_identity()) if run.is_done else []
+        if diffs:
+            raise ConfigError(config_mismatch(diffs, run.path / "config.yaml", done=True))
     todo = sorted((c for c in configs if not _run_dir(c).is_done), key=lambda c: -c.train.frames)
     total = sum(c.train.frames for c in configs)
     bar = progress_bar(total=total, unit="step", unit_scale=True, smoothing=0.0, disable=not progress,
@@ -92,7 +106,12 @@ def train_all(configs: list[Config], workers: int, progress: bool = True) -> boo
         while running:
             done, running = wait(running, timeout=2.0, return_when=FIRST_COMPLETED)
             for future in done:
-                finished &= future.result()  # a worker's exception (a diverged run, a bad config) ends the command
+                try:
+                    finished &= future.result()  # a worker's exception (a diverged run, a bad config) ends the command
+                except BaseException:
+                    for other in running:  # runs not started yet are not started (the running ones finish)
+                        other.cancel()
+                    raise
             bar.n = sum(_steps_done(c) for c in configs)
             bar.refresh()
     bar.close()
@@ -202,6 +221,9 @@ def her_main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # a diverged run (TrainingDiverged) or a checkpoint that cannot be used
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(md.read_text())
     print(f"Table: {md} and {csv}\nFigure: {png}\n({len(configs)} runs, {(time.perf_counter() - started) / 60:.1f} "
           f"minutes)")

@@ -321,6 +321,21 @@ def write_sweep_file(path: Path, name: str, specs: Sequence[RunSpec], command: S
     return path
 
 
+def _refuse_to_replace(path: Path, specs: Sequence[RunSpec]) -> None:
+    """A sweep file of the same name that lists other runs (other games, seeds, budget or overrides: the default
+    name leaves some out) is another sweep's, which status and --from read: not overwritten."""
+    if not path.is_file():
+        return
+    try:
+        _name, before = read_sweep_file(path)
+    except ValueError:
+        return  # not a sweep file any more: rewritten
+    if [(s.run_dir, s.config, s.overrides) for s in before] != [(s.run_dir, s.config, s.overrides) for s in specs]:
+        raise ValueError(f"{path} already holds a sweep of other runs (other games, seeds, budget or overrides). "
+                         f"Give this one its own name with --name (make: SWEEP_OPTS='--name ...'), re-launch that one "
+                         f"with --from {path.stem}, or delete the file if that sweep is no longer wanted.")
+
+
 def read_sweep_file(path: str | Path) -> tuple[str, list[RunSpec]]:
     path = Path(path)
     try:
@@ -341,7 +356,10 @@ def find_sweep_file(name: str | None, sweeps_dir: Path) -> Path | None:
         path = sweeps_dir / f"{name}.json"
         if not path.is_file():
             known = sorted(p.stem for p in sweeps_dir.glob("*.json")) if sweeps_dir.is_dir() else []
-            raise FileNotFoundError(f"No sweep {name!r} in {sweeps_dir}. Known sweeps: {', '.join(known) or 'none'}.")
+            raise FileNotFoundError(f"No sweep {name!r} in {sweeps_dir}. Known sweeps: {', '.join(known) or 'none'}. "
+                                    f"A sweep of another runs root keeps its file next to it: give --runs-root "
+                                    f"(make: STATUS_OPTS or SWEEP_OPTS='--runs-root ...') or the file's path, "
+                                    f"which the sweep printed.")
         return path
     files = sorted(sweeps_dir.glob("*.json"), key=lambda p: p.stat().st_mtime) if sweeps_dir.is_dir() else []
     return files[-1] if files else None
@@ -499,9 +517,13 @@ def _other_config_error(spec: RunSpec) -> str:
 
 
 def finished_with_other_config(spec: RunSpec) -> str:
-    """'' when the run directory's recorded config has the spec's run identity; otherwise what differs. Raises
-    ValueError when either config cannot be read here (a node that does not see the workdir, say)."""
+    """'' when the run directory's recorded config has the spec's run identity (or the spec names no config: the
+    runs ``status`` finds without a sweep file); otherwise what differs. Raises ValueError when either config
+    cannot be read here (a node that does not see the workdir, say)."""
     import yaml
+
+    if not spec.config:
+        return ""
 
     from dqn_atari.config import ConfigError, config_mismatch, identity_differences, load_config, recorded_identity
 
@@ -709,7 +731,7 @@ def run_local(specs: Sequence[RunSpec], max_parallel: int | None = None, memory_
                     _STOPPING.set()
                     children = list(_CHILDREN)
                 for proc in children:  # in their own sessions: they did not see the terminal's Ctrl-C
-                    _signal(proc, signal.SIGTERM)
+                    _signal(proc, signal.SIGTERM if interrupts == 1 else signal.SIGKILL)
                 if interrupts == 1:
                     out(f"Stopping: {len(children)} run(s) checkpoint and exit; nothing new starts. Re-launch the "
                         f"same command to resume. Interrupt again to stop them at once.")
@@ -989,13 +1011,13 @@ def format_status(rows: Sequence[dict[str, Any]]) -> str:
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
-    order = ("done", "running", "pending", "interrupted", "failed")
+    order = ("done", "running", "busy", "pending", "interrupted", "failed")
     summary = f"{len(rows)} runs: " + ", ".join(f"{counts[s]} {s}" for s in order if counts.get(s))
     rate = sum(r["fps"] or 0 for r in rows if r["state"] == "running")
-    left = sum(max(0, r["total"] - r["frames"]) for r in rows if r["state"] != "done")
+    left = sum(max(0, r["total"] - r["frames"]) for r in rows if r["state"] in ("running", "pending", "interrupted"))
     if rate and left:
-        summary += (f". {_frames(left)} frames to go at {rate:,.0f} frames/s (the running runs together): "
-                    f"about {_duration(left / rate)} if nothing else changes")
+        summary += (f". {_frames(left)} frames to go at {rate:,.0f} frames/s (the running runs together; failed "
+                    f"and busy runs not counted): about {_duration(left / rate)} if nothing else changes")
     return "\n".join(lines + ["", summary + "."])
 
 
@@ -1073,9 +1095,19 @@ def _sweep(args: argparse.Namespace, argv: list[str]) -> int:
         sweeps_dir = sweeps_dir_for(runs_root or "results/runs")
         path = find_sweep_file(args.from_file, sweeps_dir)
         name, specs = read_sweep_file(path)
-        resources = {k: v for k, v in (("cpus", args.cpus_per_run), ("gpus", args.gpus_per_run)) if v is not None}
-        specs = [dataclasses.replace(s, **resources) for s in specs]
         auto_gpus = args.gpus_per_run is None and bool((_read_json(path) or {}).get("auto_gpus"))
+        gpus = args.gpus_per_run
+        if gpus is None and auto_gpus and args.backend == "slurm" and args.submitit_cluster == "slurm":
+            gpus = 1.0  # Slurm's default, as for a sweep expanded for it (the file may come from a local dry run)
+        resources = {k: v for k, v in (("cpus", args.cpus_per_run), ("gpus", gpus)) if v is not None}
+        specs = [dataclasses.replace(s, **resources) for s in specs]
+        # What would change the runs is refused rather than dropped (make passes its GAMES, SEEDS and VARIANTS
+        # defaults every time, so those are not checked).
+        ignored = [flag for flag, given in (("--frames (make: FRAMES)", args.frames.strip()),
+                                            ("overrides (make: ARGS)", args.overrides)) if given]
+        if ignored:
+            raise ValueError(f"--from re-launches the run list of {path} as it is: {' and '.join(ignored)} would be "
+                             f"ignored. Drop them, or start a new sweep (without --from) with them.")
     else:
         games = expand_games(words(args.games))
         variants = words(args.variants)
@@ -1086,15 +1118,18 @@ def _sweep(args: argparse.Namespace, argv: list[str]) -> int:
         gpus = args.gpus_per_run if args.gpus_per_run is not None else default_gpus
         auto_gpus = args.gpus_per_run is None
         specs = expand_runs(games, parse_seeds(args.seeds), variants, frames=parse_frames(args.frames),
-                            overrides=args.overrides, runs_root=runs_root, cpus=1 if args.cpus_per_run is None else args.cpus_per_run, gpus=gpus)
+                            overrides=args.overrides, runs_root=runs_root,
+                            cpus=1 if args.cpus_per_run is None else args.cpus_per_run, gpus=gpus)
         name = args.name.strip() or default_name(specs)
         root = Path(specs[0].run_dir).parents[2]  # <runs_root>/<variant>/<game>/seed<k>
         path = sweeps_dir_for(root if root.is_absolute() else Path(specs[0].workdir) / root) / f"{name}.json"
-        write_sweep_file(path, name, specs, ["python", "-m", "dqn_atari", "sweep", *argv], auto_gpus=auto_gpus)
+        _refuse_to_replace(path, specs)
     todo = [s for s in specs if not (s.path / DONE_NAME).is_file()]
+    others = {s.name: why for s in specs if s not in todo and (why := _other_config_error(s))}
+    if not args.from_file and not others:  # a refused sweep leaves the file of the one before it as it was
+        write_sweep_file(path, name, specs, ["python", "-m", "dqn_atari", "sweep", *argv], auto_gpus=auto_gpus)
     print(f"Sweep {name}: {len(specs)} runs, {len(specs) - len(todo)} already done, {len(todo)} to run. "
           f"Run list: {path}")
-    others = {s.name: why for s in specs if s not in todo and (why := _other_config_error(s))}
     if others:
         for run, why in others.items():
             print(f"  {run}: {why}", file=sys.stderr)

@@ -446,7 +446,9 @@ class Trainer:
             "description": getattr(protocol, "description", ""),
             "eval_epsilon": 0.0 if self.cfg.network.noisy else self.cfg.eval.epsilon,
             "eval_episodes": self.cfg.eval.episodes,
-            "eval_max_episode_frames": self.cfg.eval.max_episode_frames,
+            # A control task keeps its env's own time limit (CartPole's 500 steps; env.overrides.max_episode_steps).
+            "eval_max_episode_frames": (self.cfg.eval.max_episode_frames if _is_atari(self.cfg)
+                                        else getattr(self.env, "max_episode_steps", None)),
             "frame_skip": self.frame_skip,
         }
         if protocol is not None:

@@ -127,3 +127,21 @@ def test_evaluate_command_refuses_bad_options_before_touching_the_run(tmp_path, 
     assert main(["evaluate", str(run.path), option]) == 2
     assert message in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in run.path.rglob("*")} == before
+
+
+def test_what_evaluate_cannot_do_is_said_before_it_evaluates(tmp_path, capsys, monkeypatch):
+    """A video of a control task, or epsilon= for a noisy-net run: a clear error before any episode is played."""
+    from dqn_atari import evaluate as evaluate_module
+    from dqn_atari.cli import main
+
+    def no_episodes(*_a, **_k):
+        raise AssertionError("the run was evaluated before its options were checked")
+
+    plain = tiny_cartpole_run(tmp_path / "plain", "train.frames=300").train()
+    noisy = tiny_cartpole_run(tmp_path / "noisy", "train.frames=300", "network.noisy=true").train()
+    monkeypatch.setattr(evaluate_module, "evaluate", no_episodes)
+    for run, option, message in ((plain, f"video={tmp_path / 'v.mp4'}", "Videos are for Atari runs only"),
+                                 (noisy, "epsilon=0.5", "epsilon= does not apply to a noisy-net run")):
+        assert main(["evaluate", str(run.path), option]) == 2
+        assert message in capsys.readouterr().err
+

@@ -237,3 +237,11 @@ def test_make_her_trains_both_variants_then_writes_the_figure_and_tables(tmp_pat
     assert [p.stat().st_mtime_ns for p in runs] == stamps
     assert her_main(["--bits", "3", "--episodes", "0", "--no-progress"]) == 2
     assert "episodes" in capsys.readouterr().err
+    # Finished runs of another config are not reported under these settings; HER's own settings would reach the
+    # DQN baseline too; the experiment's axes are its options.
+    assert her_main([*argv, "agent.double=true"]) == 2
+    assert "finished run of a different config" in capsys.readouterr().err
+    assert [p.stat().st_mtime_ns for p in runs] == stamps
+    for override, refused in (("replay.her_strategy=future", "replay.her_strategy"), ("seed=4", "seed")):
+        assert her_main([*argv, override]) == 2
+        assert f"Remove {refused} from the overrides" in capsys.readouterr().err

@@ -21,7 +21,7 @@ import pytest
 from dqn_atari.sweep import (
     DONE_NAME, EXIT_BUSY, LOCK_NAME, LOG_NAME, STATUS_NAME, TEST_KILL_MARKER, RunSpec, _csv_tail, _recent_rate,
     estimate_memory_bytes, expand_runs, parse_frames, parse_seeds, plan_local, read_sweep_file, run_one, run_status,
-    status_main, sweep_main, write_sweep_file,
+    format_status, status_main, sweep_main, write_sweep_file,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -204,6 +204,23 @@ def test_status_tells_pending_running_interrupted_and_failed_apart(tmp_path):
     assert rows[orphaned.name]["state"] == "interrupted"
     assert rows[failed.name]["state"] == "failed" and "Raise replay.capacity" in rows[failed.name]["note"]
     assert rows[elsewhere.name]["state"] == "interrupted"  # another host's heartbeat went stale
+    # Busy runs are counted; the ETA counts the frames of runs that will go on, not of failed or busy ones.
+    (pending.path).mkdir(parents=True)
+    (pending.path / STATUS_NAME).write_text(json.dumps({"state": "exited", "returncode": EXIT_BUSY}))
+    rows[pending.name] = run_status(pending)
+    summary = format_status(list(rows.values())).splitlines()[-1]
+    assert summary.startswith("5 runs: 1 running, 1 busy, 2 interrupted, 1 failed.")
+    assert "4.9k frames to go" in summary  # running 900 + two interrupted 2,000 each (failed and busy not counted)
+
+
+def test_status_without_a_sweep_file_reads_the_runs_on_disk(tmp_path, capsys):
+    """No sweep file: every run directory under the runs root, finished ones shown done without a doubt."""
+    run = tmp_path / "runs" / "nature_dqn" / "CartPole" / "seed1"
+    run.mkdir(parents=True)
+    (run / DONE_NAME).write_text(json.dumps({"frames": 2000, "final_eval_mean": 9.5, "wall_time_s": 4.0}))
+    assert status_main(["--runs-root", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert "nature_dqn/CartPole/seed1" in out and "done" in out and "cannot tell" not in out
 
 
 # ---------------------------------------------------------------------------------------------------- local
@@ -278,10 +295,16 @@ def test_a_finished_run_of_another_config_is_refused_not_counted_as_done(tmp_pat
     spec = tiny_specs(tmp_path, games=("CartPole",), seeds=(1,))[0]
     before = snapshot(spec.path)
     capsys.readouterr()
-    assert sweep_main([*argv, "train.frames=3000"]) == 2
+    sweep_file = tmp_path / "sweeps" / "a.json"
+    recorded = sweep_file.read_text()
+    assert sweep_main([*argv, "train.frames=3000"]) == 2  # the same name: it would replace sweep a's run list
+    assert "already holds a sweep of other runs" in capsys.readouterr().err and sweep_file.read_text() == recorded
+    assert sweep_main([*[a if a != "a" else "b" for a in argv], "train.frames=3000"]) == 2
     err = capsys.readouterr().err
     assert "finished run of a different config" in err and "train.frames: recorded 2000, now 3000" in err
-    assert "Nothing was started" in err
+    assert "Nothing was started" in err and not (tmp_path / "sweeps" / "b.json").exists()
+    assert sweep_main(["--from", "a", "--runs-root", str(tmp_path / "runs"), "--", "train.frames=3000"]) == 2
+    assert "would be ignored" in capsys.readouterr().err  # --from re-launches a run list as it is
     other = longer(spec, 3000)
     assert run_status(other)["state"] == "failed" and "train.frames" in run_status(other)["note"]
     assert run_one(other)["state"] == "failed"

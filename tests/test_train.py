@@ -162,6 +162,7 @@ def test_resuming_with_a_different_config_is_refused(tmp_path):
     run = trainer.train()
     assert run.is_done and run.config["agent"]["lr"] == 0.01
     assert trainer.agent.optimizer.param_groups[0]["lr"] == 0.01  # the new value is the one used, not the saved
+    assert run.protocol["eval_max_episode_frames"] == 500  # CartPole's own time limit, which its env applies
     # config.yaml now holds the new config; what the first 300 steps ran with is kept, and the report says it.
     assert run.config_changes == [{"agent_step": 300, "changes": ["agent.lr: recorded 0.001, now 0.01"]}]
     from dqn_atari.analysis.report import write_game_report

@@ -72,7 +72,7 @@ def write_game_report(
     if training:
         lines += [f"**Not finished:** seed(s) {', '.join(map(str, training))} had not reached their budget when this "
                   "was written. For them, \"final\" below is their latest periodic evaluation (cut at its step budget), "
-                  "not the end-of-training evaluation of 30 whole episodes.", ""]
+                  "not the end-of-training evaluation, which plays all its episodes to their end.", ""]
 
     lines += ["## Our runs", ""]
     for setting in settings_in(runs):
