@@ -28,8 +28,8 @@ def compiled(function):
 def kernel_works(check: Callable[[], bool], where: str, fallback: str) -> bool:
     """Whether a compiled kernel can be used here: numba is installed, and ``check()`` (which runs the kernel on a
     small input and compares it with the plain path) compiles, runs and returns True. A kernel that fails to
-    compile or run warns, naming ``where`` and the ``fallback`` used instead; ``check`` warns itself for a
-    kernel that runs but disagrees."""
+    compile or run warns, naming ``where`` and the ``fallback`` used instead; one that runs but disagrees is
+    ``check``'s to report (AreaResize's warns; the ring's falls back quietly)."""
     if numba is None:
         return False
     try:

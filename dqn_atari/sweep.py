@@ -1129,7 +1129,7 @@ def _sweep(args: argparse.Namespace, argv: list[str]) -> int:
     if not args.from_file and not others:  # a refused sweep leaves the file of the one before it as it was
         write_sweep_file(path, name, specs, ["python", "-m", "dqn_atari", "sweep", *argv], auto_gpus=auto_gpus)
     print(f"Sweep {name}: {len(specs)} runs, {len(specs) - len(todo)} already done, {len(todo)} to run. "
-          f"Run list: {path}")
+          f"Run list: {path}{' (not written)' if others and not args.from_file else ''}")
     if others:
         for run, why in others.items():
             print(f"  {run}: {why}", file=sys.stderr)

@@ -426,11 +426,6 @@ def test_report_smoke_run_without_paper_score(tmp_path):
     write_run(root, "rainbow", "Pooyan", 1, RAINBOW, 0.5, n_evals=1, frames=10_000)
     text = write_game_report("rainbow", "Pooyan", root, REFERENCE_ROOT, tmp_path / "reports")[0].read_text()
     assert "no published score for Pooyan" in text
-    # A hyperparameter tried under its own variant name (README) is compared with its base variant's papers.
-    write_run(root, "nature_dqn_lr1e-4", "Breakout", 1, NATURE, 0.5, n_evals=1, frames=10_000)
-    text = write_game_report("nature_dqn_lr1e-4", "Breakout", root, REFERENCE_ROOT, tmp_path / "reports")[0].read_text()
-    assert "nature_dqn_lr1e-4 (a setting of DQN (Mnih et al. 2015))" in text
-    assert "DQN (Mnih 2015, Nature)**: 401.2" in text
 
 
 @pytest.mark.filterwarnings("ignore:skipping run directory")

@@ -323,7 +323,7 @@ BAD_INPUT = [
     ("protocol switch not a boolean", [NATURE, "env.overrides.full_action_space=maybe"], 2,
      ["env.overrides.full_action_space in a run's config) must be true or false, got 'maybe'"]),
     ("protocol number not a number", [NATURE, "env.overrides.noop_max=abc"], 2,
-     ["env.overrides.noop_max in a run's config) must be a number, got 'abc'"]),
+     ["env.overrides.noop_max in a run's config) must be a finite number, got 'abc'"]),
     ("seed beside a seed list", [NATURE, "seeds=[1,2]", "seed=3"], 2,
      ["Remove seed= from the overrides: seeds=[...] sets every run's seed"]),
 ]

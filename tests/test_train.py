@@ -8,6 +8,7 @@ import pytest
 
 from dqn_atari.cli import build_config, main
 from dqn_atari.config import ConfigError
+from dqn_atari.rundir import RunDir
 from dqn_atari.train import Trainer, epsilon_at, train
 from same_run import assert_same_run
 
@@ -148,7 +149,7 @@ def test_a_stop_signal_cuts_an_evaluation_short_and_the_resume_plays_it_again(tm
 
 def test_resuming_with_a_different_config_is_refused(tmp_path):
     cfg = cartpole_config(tmp_path, "train.frames=1500")
-    Trainer(cfg, progress=False).train(interrupt_at_step=300)
+    run_dir = Trainer(cfg, progress=False).train(interrupt_at_step=300).path
     changed = cartpole_config(tmp_path, "train.frames=1500", "agent.lr=0.01")
     with pytest.raises(ConfigError, match="agent.lr"):
         Trainer(changed, progress=False).train()
@@ -156,7 +157,7 @@ def test_resuming_with_a_different_config_is_refused(tmp_path):
     other = cartpole_config(tmp_path, "train.frames=1500", "agent.optimizer=rmsprop_nature", "force=true")
     with pytest.raises(ConfigError, match="another optimizer .*recorded 'adam', now 'rmsprop_nature'"):
         Trainer(other, progress=False).train()
-    assert Trainer(cfg, progress=False).run.config["agent"]["optimizer"] == "adam"
+    assert RunDir(run_dir).config["agent"]["optimizer"] == "adam" and not RunDir(run_dir).config_changes
     forced = cartpole_config(tmp_path, "train.frames=1500", "agent.lr=0.01", "force=true")
     trainer = Trainer(forced, progress=False)
     run = trainer.train()

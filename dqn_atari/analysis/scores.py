@@ -219,7 +219,8 @@ def require_runs(
             have = (f"; it has {sorted({r.variant for r in found})} on {sorted({r.game for r in found})}"
                     if found else "")
             raise ValueError(f"no {what} runs under {runs_root} for variants={variants}, games={games}{have}")
-        hint = "" if unfinished else " (--unfinished reads runs still training, at their latest evaluation)"
+        hint = "" if unfinished else (" (`python -m dqn_atari report --unfinished` reads runs still training, at "
+                                      "their latest evaluation)")
         raise ValueError(f"no {what} runs under {runs_root}{hint}; train some first, e.g. `make reproduce`")
     return records
 

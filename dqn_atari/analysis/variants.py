@@ -8,7 +8,7 @@ A test checks that every name below exists in the vendored CSVs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -100,15 +100,5 @@ ABLATION_BASELINE = "nature_dqn"  # drawn grey, as DQN is in Hessel et al. 2018,
 
 
 def variant_ref(variant: str) -> VariantRef:
-    """The published data for ``variant``. A name that extends a known one after a ``_``, ``-``, ``.`` or ``+``
-    (``nature_dqn_lr1e-4``: another hyperparameter tried under its own variant name, README) gets that one's
-    published data, labelled as such, and is no ablation; other unknown names get an empty entry (nothing to
-    compare)."""
-    if variant in VARIANTS:
-        return VARIANTS[variant]
-    bases = [name for name in VARIANTS if len(variant) > len(name) + 1 and variant.startswith(name)
-             and variant[len(name)] in "_-.+"]
-    if not bases:
-        return VariantRef(variant)
-    base = max(bases, key=len)
-    return replace(VARIANTS[base], label=f"{variant} (a setting of {VARIANTS[base].label})", ablation=None)
+    """The published data for ``variant``; an empty entry (nothing to compare) for unknown names."""
+    return VARIANTS.get(variant, VariantRef(variant))

@@ -66,6 +66,7 @@ episode end (each episode then depends on its seed alone) and replays only the c
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import zlib
@@ -115,8 +116,9 @@ class AtariProtocol:
             if f.type == "bool" and not isinstance(value, (bool, np.bool_)):
                 raise ValueError(f"{_named(f.name)} must be true or false, got {value!r}.")
             if f.type in ("int", "float") and (isinstance(value, (bool, np.bool_))
-                                               or not isinstance(value, (int, float, np.integer, np.floating))):
-                raise ValueError(f"{_named(f.name)} must be a number, got {value!r}.")
+                                               or not isinstance(value, (int, float, np.integer, np.floating))
+                                               or not math.isfinite(value)):
+                raise ValueError(f"{_named(f.name)} must be a finite number, got {value!r}.")
             if f.type == "int" and int(value) != value:
                 raise ValueError(f"{_named(f.name)} must be an integer, got {value!r}.")
         ranges = {
