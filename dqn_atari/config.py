@@ -461,6 +461,16 @@ def config_mismatch(diffs: list[str], where: Path, done: bool = False) -> str:
             f"or seed, or pass force=true to resume anyway.")
 
 
+def check_recorded_config(recorded: dict, cfg: Config, where: Path, done: bool = False,
+                          force: bool = False) -> list[str]:
+    """How ``cfg``'s run identity differs from the ``recorded`` config of a run directory (its config.yaml at
+    ``where``; ``done``: a finished run); a ConfigError saying so and what to do, unless ``force``."""
+    diffs = identity_differences(recorded_identity(recorded), cfg.run_identity())
+    if diffs and not force:
+        raise ConfigError(config_mismatch(diffs, where, done))
+    return diffs
+
+
 def comparable(v: Any) -> Any:
     """A config value as recorded YAML gives it back (tuples become lists), for comparing with a recorded one."""
     return list(v) if isinstance(v, tuple) else v

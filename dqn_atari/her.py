@@ -30,8 +30,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from dqn_atari.config import (Config, ConfigError, apply_overrides, config_mismatch, identity_differences,
-                              load_config, recorded_identity)
+from dqn_atari.config import Config, ConfigError, apply_overrides, check_recorded_config, load_config
 from dqn_atari.envs import env_display_name
 from dqn_atari.progress import progress_bar
 from dqn_atari.rundir import RunDir, atomic_savefig, atomic_write_csv, atomic_write_text
@@ -90,9 +89,8 @@ def train_all(configs: list[Config], workers: int, progress: bool = True) -> boo
     steps of all runs (read from their train.csv) with an ETA. Returns False when a run stopped early (a signal)."""
     for cfg in configs:  # a finished run is skipped below: it must be of this config, as train would check
         run = _run_dir(cfg)
-        diffs = identity_differences(recorded_identity(run.config), cfg.run_identity()) if run.is_done else []
-        if diffs:
-            raise ConfigError(config_mismatch(diffs, run.path / "config.yaml", done=True))
+        if run.is_done:
+            check_recorded_config(run.config, cfg, run.path / "config.yaml", done=True)
     todo = sorted((c for c in configs if not _run_dir(c).is_done), key=lambda c: -c.train.frames)
     total = sum(c.train.frames for c in configs)
     bar = progress_bar(total=total, unit="step", unit_scale=True, smoothing=0.0, disable=not progress,

@@ -31,8 +31,8 @@ import torch
 from dqn_atari import checkpoint as ckpt
 from dqn_atari.agent import Agent, resolve_device
 from dqn_atari.agent_group import AgentGroup
-from dqn_atari.config import (Config, ConfigError, comparable, config_mismatch, flatten_keys, frames_to_steps,
-                              identity_differences, recorded_identity)
+from dqn_atari.config import (Config, ConfigError, check_recorded_config, comparable, config_mismatch, flatten_keys,
+                              frames_to_steps, identity_differences, recorded_identity)
 from dqn_atari.envs import env_display_name, is_control_task, make_env
 from dqn_atari.progress import progress_bar
 from dqn_atari.replay import HindsightReplayBuffer, PrioritizedReplayBuffer, ReplayBuffer, ReplayCorruptError
@@ -537,10 +537,7 @@ class Trainer:
         run = self.run
         if not (run.exists and (run.path / "config.yaml").exists()):
             return []
-        diffs = identity_differences(recorded_identity(run.config), self.cfg.run_identity())
-        if diffs and not self.cfg.force:
-            raise ConfigError(config_mismatch(diffs, run.path / "config.yaml", run.is_done))
-        return diffs
+        return check_recorded_config(run.config, self.cfg, run.path / "config.yaml", run.is_done, self.cfg.force)
 
     def lock(self) -> None:
         """One process per run directory: an exclusive ``flock`` on <run>/.train.lock until close(). Two trainers
